@@ -1,0 +1,112 @@
+// P1: memory bandwidth of trident's element-wise and reduction kernels against STREAM's own
+// loops (copy c = a, triad a = b + s*c, and a sum), compiled the same way and measured in the
+// same run, interleaved, over arrays far larger than the caches. Bandwidth is counted as
+// STREAM counts it (copy 8 B, triad 12 B, sum 4 B per element); the median of the rounds is
+// reported with the ratio ours / STREAM.
+//
+//   bench_bandwidth [elements = 64Mi] [rounds = 10]
+#include <trident/trident.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+using namespace trident;
+
+double seconds_of(const std::function<void()>& f) {
+  const auto t0 = clock_type::now();
+  f();
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// STREAM's kernels, as in stream.c: OpenMP parallel for over plain arrays.
+void stream_copy(const float* a, float* c, index_t n) {
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < n; ++j) c[j] = a[j];
+}
+void stream_triad(float* a, const float* b, const float* c, float s, index_t n) {
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < n; ++j) a[j] = b[j] + s * c[j];
+}
+double stream_sum(const float* a, index_t n) {
+  double s = 0;
+#pragma omp parallel for schedule(static) reduction(+ : s)
+  for (index_t j = 0; j < n; ++j) s += a[j];
+  return s;
+}
+
+struct row {
+  std::string name;
+  double bytes_per_element;
+  std::function<void()> ours, peer;
+  std::vector<double> t_ours{}, t_peer{};
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const index_t n = argc > 1 ? std::atoll(argv[1]) : (index_t{64} << 20);
+  const int rounds = argc > 2 ? std::atoi(argv[2]) : 10;
+  if (n <= 0 || rounds <= 0) {
+    std::fprintf(stderr, "usage: bench_bandwidth [elements > 0] [rounds > 0]\n");
+    return 2;
+  }
+  tensor<float> a({n}), b({n}), c({n});
+  generator gen(1);
+  uniform(a, gen);
+  uniform(b, gen);
+  uniform(c, gen);
+  tensor<bfloat16> ab({n}), bb({n}), cb({n});
+  copy(a, ab);
+  copy(b, bb);
+  copy(c, cb);
+  const float s = 3.0f;
+  volatile double sink = 0;
+
+  std::vector<row> rows;
+  rows.push_back({"copy fp32 (8 B/elem)", 8, [&] { copy(a, c); }, [&] { stream_copy(a.data(), c.data(), n); }});
+  rows.push_back({"triad fp32 (12 B/elem)", 12, [&] { axpby(1.0, b, s, c, a); },
+                  [&] { stream_triad(a.data(), b.data(), c.data(), s, n); }});
+  rows.push_back({"add fp32 (12 B/elem)", 12, [&] { add(b, c, a); }, [&] { stream_triad(a.data(), b.data(), c.data(), 1.0f, n); }});
+  rows.push_back({"sum fp32 (4 B/elem)", 4, [&] { sink = sink + sum(a); }, [&] { sink = sink + stream_sum(a.data(), n); }});
+  rows.push_back({"l2_norm fp32 (4 B/elem)", 4, [&] { sink = sink + l2_norm(a); }, [&] { sink = sink + stream_sum(a.data(), n); }});
+  // bf16 triad moves half the bytes; compared with the fp32 STREAM triad in bytes per second.
+  rows.push_back({"triad bf16 (6 B/elem)", 6, [&] { axpby(1.0, bb, s, cb, ab); },
+                  [&] { stream_triad(a.data(), b.data(), c.data(), s, n); }});
+
+  for (auto& r : rows) {  // warm-up: page in, spin up the threads
+    r.ours();
+    r.peer();
+  }
+  for (int i = 0; i < rounds; ++i) {
+    for (auto& r : rows) {
+      r.t_peer.push_back(seconds_of(r.peer));
+      r.t_ours.push_back(seconds_of(r.ours));
+    }
+  }
+
+  const double elems = static_cast<double>(n);
+  std::printf("# P1 bandwidth, %lld elements per array, %d rounds, threads %d, median GB/s (STREAM counting)\n",
+              static_cast<long long>(n), rounds, cpu_kernels::available_threads());
+  std::printf("%-26s %12s %12s %8s\n", "kernel", "trident", "STREAM", "ratio");
+  for (auto& r : rows) {
+    const double peer_bytes = r.name.rfind("triad bf16", 0) == 0 ? 12 : r.name.rfind("add", 0) == 0 ? 12 : r.bytes_per_element;
+    const double ours = r.bytes_per_element * elems / median(r.t_ours) * 1e-9;
+    const double peer = peer_bytes * elems / median(r.t_peer) * 1e-9;
+    std::printf("%-26s %12.2f %12.2f %8.3f\n", r.name.c_str(), ours, peer, ours / peer);
+  }
+  return sink == 12345.678 ? 1 : 0;  // keeps the reductions alive
+}
