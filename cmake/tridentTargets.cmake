@@ -6,6 +6,8 @@
 #   trident::mpi      + MPI (for trident/mpi.hpp)
 #   trident::cuda     + CUDA runtime, cuBLAS/cuBLASLt (for trident/cuda.hpp, nvcc TUs)
 
+include(GNUInstallDirs)  # CMAKE_INSTALL_INCLUDEDIR for the install interface below
+
 add_library(trident INTERFACE)
 add_library(trident::trident ALIAS trident)
 target_include_directories(trident INTERFACE

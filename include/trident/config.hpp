@@ -58,6 +58,21 @@
 #define TRIDENT_SIMD(...)
 #endif
 
+// Fully unrolls a short loop of a known trip count in host SIMD code (GCC's pragma; nothing
+// for compilers that do not know it, nvcc's front end included).
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define TRIDENT_UNROLL(n) TRIDENT_PRAGMA(GCC unroll n)
+#else
+#define TRIDENT_UNROLL(n)
+#endif
+
+// Unrolls a loop in CUDA device code; the host pass of nvcc (and g++) sees nothing.
+#if defined(__CUDA_ARCH__)
+#define TRIDENT_CUDA_UNROLL TRIDENT_PRAGMA(unroll)
+#else
+#define TRIDENT_CUDA_UNROLL
+#endif
+
 namespace trident {
 
 /// Signed index type used for extents, strides and offsets.

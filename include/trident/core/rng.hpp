@@ -54,20 +54,24 @@ struct random_spec {
   }
 
   /// Value of element i given its Philox block `r` (the same block serves i = 4q..4q+3).
-  /// Uniform: 24 random bits, in [a, b). Normal: Box-Muller on the lane pair (0,1) or (2,3),
-  /// computed in double so that CPU and CUDA round to the same float.
+  /// Uniform: a + w*u with u = 24 random bits / 2^24 and w = b - a rounded to float, so that
+  /// w*u is exact in double and no compiler's contraction into an FMA can change the result:
+  /// CPU and CUDA agree bit for bit. Normal: Box-Muller on the lane pair (0,1) or (2,3) in
+  /// double; the libraries' log/sin/cos may differ in the last double bit, so CPU and CUDA
+  /// agree to within one unit of the stored type's last place.
   TRIDENT_HD double value(const philox_block& r, std::uint64_t i) const noexcept {
     const unsigned lane = static_cast<unsigned>(i % 4);
     if (dist == distribution::uniform) {
       const double u = static_cast<double>(r.v[lane] >> 8) * (1.0 / 16777216.0);
-      return a + (b - a) * u;
+      const double w = static_cast<float>(b - a);
+      return a + w * u;
     }
     const unsigned pair = lane & 2u;
     const double u1 = (static_cast<double>(r.v[pair] >> 8) + 1.0) * (1.0 / 16777216.0);  // (0, 1]
     const double u2 = static_cast<double>(r.v[pair + 1] >> 8) * (1.0 / 16777216.0);      // [0, 1)
-    const double radius = sqrt(-2.0 * log(u1));
+    const double radius = ::sqrt(-2.0 * ::log(u1));
     const double angle = 6.283185307179586476925 * u2;
-    return a + b * radius * ((lane & 1u) ? sin(angle) : cos(angle));
+    return a + b * radius * ((lane & 1u) ? ::sin(angle) : ::cos(angle));
   }
 };
 
