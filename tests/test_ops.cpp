@@ -38,3 +38,34 @@ TEST_CASE("cpu reductions are deterministic and independent of the thread count"
   CHECK(std::fabs(s_one - s1) <= 1e-9 * std::fabs(s1) + 1e-9);
 #endif
 }
+
+TEST_CASE("large element-wise ops (streaming stores, split rows) match the scalar formula exactly") {
+  using namespace trident;
+  // 24 MiB outputs: beyond the streaming threshold, one flat row split across threads, and an
+  // odd length so that the last chunk and the unaligned head of the stores are exercised.
+  const index_t n = (index_t{6} << 20) + 13;
+  auto x = tensor<float>({n});
+  auto y = tensor<float>({n});
+  generator g(5);
+  uniform(x, g, -1, 1);
+  uniform(y, g, -1, 1);
+  auto out = tensor<float>({n});
+  axpby(1.0, x, 3.0, y, out.slice(0, 0, n));
+  // (the compiler may contract x + 3y into one FMA in either place: allow one rounding)
+  for (index_t i = 0; i < n; ++i) {
+    const double want = static_cast<double>(x(i)) + 3.0 * static_cast<double>(y(i));
+    REQUIRE(std::fabs(out(i) - want) <= 0x1p-23 * std::fabs(want) + 1e-30);
+  }
+  auto xb = cast<bfloat16>(x);
+  auto yb = cast<bfloat16>(y);
+  auto ob = tensor<bfloat16>({n});
+  mul(xb, yb, ob);
+  for (index_t i = 0; i < n; ++i) REQUIRE(ob(i).bits == bfloat16(float(xb(i)) * float(yb(i))).bits);
+  auto oh = tensor<half>({n});
+  add_scalar(x, 0.5, oh);
+  for (index_t i = 0; i < n; ++i) REQUIRE(oh(i).bits == half(x(i) + 0.5f).bits);
+  // sums of the large arrays against a double loop
+  double want = 0;
+  for (index_t i = 0; i < n; ++i) want += static_cast<double>(x(i));
+  CHECK(std::fabs(sum(x) - want) <= 1e-9 * static_cast<double>(n));
+}

@@ -147,14 +147,31 @@ template <class... T>
 using compute_of = std::conditional_t<(std::is_same_v<std::remove_const_t<T>, double> || ...), double, float>;
 
 /// Folds n contiguous values into a double with a sum-like reducer (fold(acc, x) built
-/// from + and *), using 32 independent partial sums so that the loop vectorises without
-/// reassociating any one chain and keeps up with memory bandwidth.
+/// from + and *). Floats are folded in float over blocks of 1024 (64 lanes, so each lane
+/// adds only 16 values), and the block results in double: as accurate as double
+/// accumulation for all practical purposes, and light enough in instructions to keep up
+/// with memory bandwidth, which converting every element to double does not.
 template <class Reducer, class T>
 double dense_fold(const Reducer& red, const T* x, index_t n) noexcept {
-  constexpr int lanes = 32;
+  constexpr int lanes = 64;
   double part[lanes];
   for (double& v : part) v = red.template init<double>();
   index_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr index_t block = 1024;
+    for (; i + block <= n; i += block) {
+      float f[lanes];
+      for (float& v : f) v = red.template init<float>();
+      for (index_t b = 0; b < block; b += lanes) {
+        // Two blocks ahead, one line per 16 floats: the hardware prefetcher alone leaves
+        // a single read stream per thread short of the bandwidth.
+        for (int l = 0; l < lanes; l += 16) __builtin_prefetch(x + i + 2 * block + b + l);
+        TRIDENT_SIMD()
+        for (int j = 0; j < lanes; ++j) f[j] = red.fold(f[j], x[i + b + j]);
+      }
+      for (int j = 0; j < lanes; ++j) part[j] = red.merge(part[j], static_cast<double>(f[j]));
+    }
+  }
   for (; i + lanes <= n; i += lanes) {
     TRIDENT_SIMD()
     for (int j = 0; j < lanes; ++j) part[j] = red.fold(part[j], static_cast<double>(x[i + j]));
@@ -190,53 +207,95 @@ inline void stream_store(void* dst, const void* src, std::size_t bytes) noexcept
 #endif
 }
 
-/// Chunk [c, c+m) of an input with stride 1 (read or widened) or 0 (broadcast scalar).
+/// How a dense span reads an input of element type T: bfloat16 is widened inside the
+/// compute loop (a shift, which vectorises with it); half goes through the F16C conversion
+/// into a buffer of the compute type first; float and double are read as they are.
 template <class C, class T>
-TRIDENT_ALWAYS_INLINE const C* input_chunk(const T* x, index_t stride, index_t c, index_t m, C* buf) noexcept {
+using lane_source_t = std::conditional_t<std::is_same_v<std::remove_const_t<T>, half>, C, std::remove_const_t<T>>;
+
+template <class C, class U>
+TRIDENT_ALWAYS_INLINE C lane(const U* p, index_t i) noexcept {
+  if constexpr (std::is_same_v<U, bfloat16>) {
+    return static_cast<C>(trident::detail::bfloat16_bits_to_float(p[i].bits));
+  } else {
+    return static_cast<C>(p[i]);
+  }
+}
+
+/// Chunk [c, c+m) of an input with stride 1, or 0 (a broadcast scalar, repeated into buf).
+template <class C, class T>
+TRIDENT_ALWAYS_INLINE const lane_source_t<C, T>* input_chunk(const T* x, index_t stride, index_t c, index_t m,
+                                                             lane_source_t<C, T>* buf) noexcept {
+  using U = lane_source_t<C, T>;
   if (stride == 0) {
-    const C v = load<T, C>(*x);
+    U v;
+    if constexpr (std::is_same_v<U, std::remove_const_t<T>>) {
+      v = *x;
+    } else {
+      v = load<T, C>(*x);
+    }
     for (index_t i = 0; i < m; ++i) buf[i] = v;
     return buf;
   }
-  return widen<C>(x + c, buf, m);
+  if constexpr (std::is_same_v<U, std::remove_const_t<T>>) {
+    return x + c;
+  } else {
+    return widen<C>(x + c, buf, m);
+  }
+}
+
+/// Writes one compute value as element type T (bfloat16 rounds inline, so the compute loop
+/// still vectorises).
+template <class T, class C>
+TRIDENT_ALWAYS_INLINE void put(T* p, index_t i, C v) noexcept {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    p[i].bits = trident::detail::float_to_bfloat16_bits(static_cast<float>(v));
+  } else {
+    p[i] = static_cast<T>(v);
+  }
 }
 
 /// out[i] = op(in_k[i]...) over a span whose output is contiguous and whose inputs are
-/// contiguous or broadcast scalars: computed a chunk at a time in the compute type, so that
-/// 2-byte types go through the SIMD conversions and the loop body vectorises.
+/// contiguous or broadcast scalars, a chunk at a time so that the loop body vectorises:
+/// bfloat16 is converted inside the loop, half through F16C buffers. With `stream`, each
+/// finished chunk goes to memory with non-temporal stores.
 template <class C, class Op, class To, class... Ti>
 void dense_span(const Op& op, To* o, index_t n, bool stream, const index_t* in_stride, const Ti*... x) {
   constexpr std::size_t K = sizeof...(Ti);
-  alignas(64) C in_buf[K][convert_chunk];
-  alignas(64) C out_buf[convert_chunk];
+  // The loop writes D: To itself, except half, which is computed in C and narrowed after.
+  using D = std::conditional_t<std::is_same_v<To, half>, C, To>;
+  std::tuple<lane_source_t<C, Ti>*...> bufs;
+  alignas(64) unsigned char storage[K][convert_chunk * sizeof(C)];
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    ((std::get<I>(bufs) = reinterpret_cast<lane_source_t<C, Ti>*>(storage[I])), ...);
+  }(std::index_sequence_for<Ti...>{});
+  alignas(64) D out_buf[convert_chunk];
   alignas(64) To narrow_buf[convert_chunk];
   for (index_t c = 0; c < n; c += convert_chunk) {
     const index_t m = std::min(convert_chunk, n - c);
-    const C* xs[K];
-    [&]<std::size_t... I>(std::index_sequence<I...>) {
-      ((xs[I] = input_chunk<C>(x, in_stride[I], c, m, in_buf[I])), ...);
+    const auto xs = [&]<std::size_t... I>(std::index_sequence<I...>) {
+      return std::make_tuple(input_chunk<C>(x, in_stride[I], c, m, std::get<I>(bufs))...);
     }(std::index_sequence_for<Ti...>{});
-    constexpr bool direct_ok = std::is_same_v<To, C>;
-    C* dst = out_buf;
-    if constexpr (direct_ok) {
-      if (!stream) dst = reinterpret_cast<C*>(o + c);
+    D* dst = out_buf;
+    if constexpr (std::is_same_v<D, To>) {
+      if (!stream) dst = o + c;
     }
     if constexpr (K == 1) {
-      const C* x0 = xs[0];
+      const auto* x0 = std::get<0>(xs);
       TRIDENT_SIMD()
-      for (index_t i = 0; i < m; ++i) dst[i] = op(x0[i]);
+      for (index_t i = 0; i < m; ++i) put(dst, i, op(lane<C>(x0, i)));
     } else if constexpr (K == 2) {
-      const C* x0 = xs[0];
-      const C* x1 = xs[1];
+      const auto* x0 = std::get<0>(xs);
+      const auto* x1 = std::get<1>(xs);
       TRIDENT_SIMD()
-      for (index_t i = 0; i < m; ++i) dst[i] = op(x0[i], x1[i]);
+      for (index_t i = 0; i < m; ++i) put(dst, i, op(lane<C>(x0, i), lane<C>(x1, i)));
     } else {
       for (index_t i = 0; i < m; ++i) {
-        dst[i] = [&]<std::size_t... I>(std::index_sequence<I...>) { return op(xs[I][i]...); }(std::index_sequence_for<Ti...>{});
+        put(dst, i, std::apply([&](const auto*... p) { return op(lane<C>(p, i)...); }, xs));
       }
     }
     if (dst == out_buf) {
-      if constexpr (direct_ok) {
+      if constexpr (std::is_same_v<D, To>) {
         stream_store(o + c, out_buf, static_cast<std::size_t>(m) * sizeof(To));
       } else if (stream) {
         narrow(out_buf, narrow_buf, m);
