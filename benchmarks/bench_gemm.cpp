@@ -33,6 +33,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <new>
 #include <vector>
 
 #include <dirent.h>
@@ -59,6 +60,20 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/// Allocator with 64-byte alignment.
+template <class T>
+struct aligned_allocator {
+  using value_type = T;
+  aligned_allocator() = default;
+  template <class U>
+  aligned_allocator(const aligned_allocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+  friend bool operator==(const aligned_allocator&, const aligned_allocator&) { return true; }
+};
+template <class T>
+using aligned_vector = std::vector<T, aligned_allocator<T>>;
+
 /// Seconds per call of f: repeats until min_seconds have passed (at least twice).
 double time_per_call(const std::function<void()>& f, double min_seconds) {
   f();  // warm caches, thread pools and packing buffers
@@ -73,7 +88,8 @@ double time_per_call(const std::function<void()>& f, double min_seconds) {
   return elapsed / reps;
 }
 
-double max_rel_error(const std::vector<float>& got, const std::vector<float>& ref) {
+template <class V>
+double max_rel_error(const V& got, const V& ref) {
   double err = 0, mag = 0;
   for (std::size_t i = 0; i < ref.size(); ++i) {
     err = std::max(err, std::abs(double(got[i]) - double(ref[i])));
@@ -206,9 +222,11 @@ int main(int argc, char** argv) {
     std::mt19937 gen(42);
     std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
     const std::size_t nn = static_cast<std::size_t>(n * n);
-    std::vector<float> a(nn), b(nn), c_ours(nn), c_blas(nn), c_eigen(nn), c_bf16(nn), c_ref16(nn);
-    std::vector<trident::bfloat16> a16(nn), b16(nn);
-    std::vector<float> a16w(nn), b16w(nn);
+    // 64-byte aligned, as trident's tensors and PyTorch's allocations are (a plain vector's
+    // large blocks start 16 bytes into a page, which splits every row of C across lines).
+    aligned_vector<float> a(nn), b(nn), c_ours(nn), c_blas(nn), c_eigen(nn), c_bf16(nn), c_ref16(nn);
+    aligned_vector<trident::bfloat16> a16(nn), b16(nn);
+    aligned_vector<float> a16w(nn), b16w(nn);
     for (std::size_t i = 0; i < nn; ++i) {
       a[i] = uni(gen);
       b[i] = uni(gen);
