@@ -6,7 +6,6 @@
 ///
 /// A specialisation kernels<D> provides, for element types T (const-qualified where read):
 ///   fill(view<T> out, double v)
-///   copy(view<To> out, view<const Ti> in)                      same shape, any strides, converts
 ///   map(op, view<To> out, view<const Ti> in)                   in already broadcast to out's shape
 ///   zip(op, view<To> out, view<const Ta> a, view<const Tb> b)  a, b already broadcast to out's shape
 ///   random(view<T> out, const random_spec&)                    counter-based Philox stream

@@ -10,6 +10,7 @@
 
 #include "../core/tensor.hpp"
 #include "detail.hpp"
+#include "functors.hpp"
 
 namespace trident {
 
@@ -21,7 +22,15 @@ void copy(const X& x, Out&& out) {
   auto o = detail::out_view(out);
   const auto in = cview(x);
   detail::expect_shape(in.shape(), o.shape(), "trident::copy", "the destination");
-  kernels<typename X::device_type>::copy(o, in);
+  using D = typename X::device_type;
+  using To = typename decltype(o)::value_type;
+  if constexpr (std::is_same_v<To, typename X::value_type>) {
+    if (o.is_contiguous() && in.is_contiguous()) {  // same bytes: the device's memcpy
+      kernels<D>::copy_within(o.data(), in.data(), static_cast<std::size_t>(o.numel()) * sizeof(To));
+      return;
+    }
+  }
+  kernels<D>::map(ops::identity{}, o, in);
 }
 
 /// A contiguous copy of x on its device.

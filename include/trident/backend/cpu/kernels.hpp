@@ -399,18 +399,6 @@ struct kernels<cpu> {
     cpu_kernels::elementwise(op, out, a, b);
   }
 
-  /// Same-shape copy with conversion; any strides.
-  template <class To, class Ti>
-  static void copy(view<To> out, view<const Ti> in) {
-    if constexpr (std::is_same_v<To, Ti>) {
-      if (out.is_contiguous() && in.is_contiguous()) {
-        copy_within(out.data(), in.data(), static_cast<std::size_t>(out.numel()) * sizeof(To));
-        return;
-      }
-    }
-    map(ops::identity{}, out, in);
-  }
-
   /// Fills out from the counter-based stream described by `spec`.
   template <class T>
   static void random(view<T> out, const random_spec& spec) {

@@ -916,18 +916,6 @@ struct kernels<cuda> {
         cuda_kernels::zip_fn<Op, To, Ta, Tb>{op, out.data(), a.data(), b.data(), p.st[1][0] == 0, p.st[2][0] == 0}, vec);
   }
 
-  /// Same-shape copy with conversion; any strides.
-  template <class To, class Ti>
-  static void copy(view<To> out, view<const Ti> in) {
-    if constexpr (std::is_same_v<To, Ti>) {
-      if (out.is_contiguous() && in.is_contiguous()) {
-        copy_within(out.data(), in.data(), static_cast<std::size_t>(out.numel()) * sizeof(To));
-        return;
-      }
-    }
-    map(ops::identity{}, out, in);
-  }
-
   /// Fills out from the counter-based stream described by `spec`: the same numbers as the CPU.
   template <class T>
   static void random(view<T> out, const random_spec& spec) {
