@@ -8,6 +8,7 @@ namespace trident {
 struct fp32;
 struct fp16_mixed;
 struct bf16_mixed;
+struct fp64;
 template <class Precision>
 struct precision_traits;
 

@@ -33,3 +33,4 @@
 #include "ops/gemm.hpp"
 #include "ops/reduce.hpp"
 #include "ops/transfer.hpp"
+#include "nn.hpp"

@@ -52,6 +52,35 @@ struct gelu_tanh {
   }
 };
 
+// Derivatives, as binary functors (upstream gradient, forward input) -> input gradient. ReLU
+// takes the forward *output* or input alike (both are positive exactly where it passes).
+struct relu_backward {
+  template <class C>
+  TRIDENT_HD constexpr C operator()(C dy, C x) const noexcept { return x > C(0) ? dy : C(0); }
+};
+
+struct gelu_backward {
+  template <class C>
+  TRIDENT_HD C operator()(C dy, C x) const noexcept {
+    using std::erf;
+    using std::exp;
+    const C cdf = C(0.5) * (C(1) + erf(x * C(0.70710678118654752440)));
+    const C pdf = C(0.39894228040143267794) * exp(C(-0.5) * x * x);
+    return dy * (cdf + x * pdf);
+  }
+};
+
+struct gelu_tanh_backward {
+  template <class C>
+  TRIDENT_HD C operator()(C dy, C x) const noexcept {
+    using std::tanh;
+    const C k = C(0.79788456080286535588);
+    const C t = tanh(k * (x + C(0.044715) * x * x * x));
+    const C dinner = k * (C(1) + C(3) * C(0.044715) * x * x);
+    return dy * (C(0.5) * (C(1) + t) + C(0.5) * x * (C(1) - t * t) * dinner);
+  }
+};
+
 }  // namespace ops
 
 /// Applies `a` to one value (scalar reference path; kernels vectorise their own).

@@ -20,7 +20,7 @@ template <class Precision, class Device, class Strategy = single>
 struct policy {
   static_assert(precision_policy<Precision>,
                 "trident::policy<Precision, Device, Strategy>: Precision is not a precision policy; "
-                "use trident::fp32, trident::bf16_mixed or trident::fp16_mixed");
+                "use trident::fp32, trident::bf16_mixed, trident::fp16_mixed or trident::fp64");
   static_assert(!std::is_same_v<Device, cuda> || device_policy<Device>,
                 "trident::policy<Precision, cuda, Strategy>: the cuda device is not available in this "
                 "translation unit; it needs a CUDA compiler (nvcc) and #include <trident/cuda.hpp> "

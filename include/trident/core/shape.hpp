@@ -149,6 +149,13 @@ struct layout {
   }
 };
 
+/// The layout of nothing: shape (0). Default-constructed views and tensors have it.
+constexpr layout empty_layout() noexcept {
+  layout l{};
+  l.extents = shape(1, index_array{});
+  return l;
+}
+
 /// Normalises a possibly negative axis against a rank; throws naming the shape when out of range.
 inline int normalize_axis(int axis, const shape& s, const char* what) {
   const int r = s.rank();

@@ -229,7 +229,7 @@ class tensor_view {
 
  private:
   T* data_ = nullptr;
-  trident::layout layout_{};
+  trident::layout layout_ = empty_layout();
 };
 
 /// Anything that is a tensor or a view of one.
@@ -265,12 +265,12 @@ class tensor {
   /// A tensor whose elements are left uninitialised (for outputs about to be overwritten).
   static tensor uninitialized(const trident::shape& s) { return tensor(s, no_init); }
 
-  tensor(tensor&& o) noexcept : data_(std::exchange(o.data_, nullptr)), layout_(std::exchange(o.layout_, empty_layout())) {}
+  tensor(tensor&& o) noexcept : data_(std::exchange(o.data_, nullptr)), layout_(std::exchange(o.layout_, trident::empty_layout())) {}
   tensor& operator=(tensor&& o) noexcept {
     if (this != &o) {
       release();
       data_ = std::exchange(o.data_, nullptr);
-      layout_ = std::exchange(o.layout_, empty_layout());
+      layout_ = std::exchange(o.layout_, trident::empty_layout());
     }
     return *this;
   }
@@ -355,17 +355,11 @@ class tensor {
   void release() noexcept {
     Device::deallocate(data_, bytes());
     data_ = nullptr;
-    layout_ = empty_layout();
-  }
-
-  /// A default-constructed or moved-from tensor holds nothing: shape (0).
-  static trident::layout empty_layout() noexcept {
-    index_array ext{};
-    return trident::layout(trident::shape(1, ext));
+    layout_ = trident::empty_layout();
   }
 
   T* data_ = nullptr;
-  trident::layout layout_ = empty_layout();
+  trident::layout layout_ = trident::empty_layout();
 };
 
 /// The read-only view of a tensor or view.

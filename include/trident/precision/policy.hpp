@@ -7,7 +7,10 @@
 /// | `fp32`       | float    | float   | float    | float  | float      | no           |
 /// | `bf16_mixed` | bfloat16 | float   | float    | float  | float      | no           |
 /// | `fp16_mixed` | half     | float   | half     | float  | float      | dynamic      |
+/// | `fp64`       | double   | double  | double   | double | double     | no           |
 ///
+/// fp64 is not a training precision anyone needs for speed; it is what gradient checks and
+/// reference runs use.
 /// storage: weights and activations as kernels read them; compute: the arithmetic inside a
 /// kernel; gradient: what backward writes; master: the optimizer's copy of the weights;
 /// accumulate: GEMM and reduction accumulators.
@@ -27,6 +30,8 @@ struct fp32 {};
 struct fp16_mixed {};
 /// bf16 weights/activations, fp32 gradients and master weights, no loss scaling.
 struct bf16_mixed {};
+/// Double precision everywhere (gradient checks, references).
+struct fp64 {};
 
 namespace detail {
 template <class>
@@ -66,6 +71,17 @@ struct precision_traits<bf16_mixed> {
 };
 
 template <>
+struct precision_traits<fp64> {
+  using storage_type = double;
+  using compute_type = double;
+  using gradient_type = double;
+  using master_type = double;
+  using accumulate_type = double;
+  static constexpr const char* name = "fp64";
+  static constexpr bool loss_scaling = false;
+};
+
+template <>
 struct precision_traits<fp16_mixed> {
   using storage_type = half;
   using compute_type = float;
@@ -79,7 +95,7 @@ struct precision_traits<fp16_mixed> {
 namespace detail {
 template <class P>
 inline constexpr bool is_builtin_precision =
-    std::is_same_v<P, fp32> || std::is_same_v<P, bf16_mixed> || std::is_same_v<P, fp16_mixed>;
+    std::is_same_v<P, fp32> || std::is_same_v<P, bf16_mixed> || std::is_same_v<P, fp16_mixed> || std::is_same_v<P, fp64>;
 }  // namespace detail
 
 /// Whether P is meant as a precision policy. Naming a member of the primary precision_traits

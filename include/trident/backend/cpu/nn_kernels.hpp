@@ -1,0 +1,177 @@
+#pragma once
+/// @file backend/cpu/nn_kernels.hpp
+/// nn_kernels<cpu>: the neural-network kernels of nn/kernels.hpp on the CPU. Rows are spread
+/// over threads; per-thread partial sums are merged in thread order, so results do not
+/// depend on scheduling.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../../core/rng.hpp"
+#include "../../core/tensor.hpp"
+#include "../../nn/kernels.hpp"
+#include "kernels.hpp"
+#include "parallel.hpp"
+
+namespace trident::nn {
+
+template <>
+struct nn_kernels<cpu> {
+  template <class T>
+  using view = tensor_view<T, cpu>;
+
+  /// Fused, max-shifted softmax cross-entropy with label smoothing and an ignored label.
+  /// Returns the summed loss of the rows; writes grad (if not empty) scaled by grad_scale.
+  template <class T, class G>
+  static double softmax_xent(view<G> grad, view<const T> logits, const std::int32_t* labels, std::int32_t ignore_index,
+                             double smoothing, double grad_scale) {
+    using C = cpu_kernels::compute_of<T, G>;
+    const index_t rows = logits.size(0), classes = logits.size(1);
+    const bool want_grad = !grad.empty();
+    const int chunks = cpu_kernels::chunk_count(rows, std::max<index_t>(1, 4096 / std::max<index_t>(classes, 1)));
+    std::vector<double> partial(static_cast<std::size_t>(chunks), 0.0);
+    const C on = C(1.0 - smoothing), off = C(smoothing / static_cast<double>(classes));
+    cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 4096 / std::max<index_t>(classes, 1)), 1,
+                                 [&](index_t r0, index_t r1, int chunk) {
+      std::vector<C> z(static_cast<std::size_t>(classes));
+      double loss = 0;
+      for (index_t r = r0; r < r1; ++r) {
+        const std::int32_t y = labels[r];
+        if (y == ignore_index) {
+          if (want_grad)
+            for (index_t c = 0; c < classes; ++c) grad(r, c) = G(0.0f);
+          continue;
+        }
+        C mx = -std::numeric_limits<C>::infinity();
+        for (index_t c = 0; c < classes; ++c) {
+          z[c] = cpu_kernels::load<T, C>(logits(r, c));
+          mx = std::max(mx, z[c]);
+        }
+        C sum = 0, sum_logp = 0;
+        for (index_t c = 0; c < classes; ++c) sum += std::exp(z[c] - mx);
+        const C lse = mx + std::log(sum);
+        for (index_t c = 0; c < classes; ++c) sum_logp += z[c] - lse;
+        loss += -static_cast<double>(on) * static_cast<double>(z[y] - lse) - static_cast<double>(off) * static_cast<double>(sum_logp);
+        if (want_grad) {
+          const C scale = C(grad_scale);
+          for (index_t c = 0; c < classes; ++c) {
+            const C p = std::exp(z[c] - lse);
+            const C target = (c == y ? on : C(0)) + off;
+            grad(r, c) = static_cast<G>((p - target) * scale);
+          }
+        }
+      }
+      partial[static_cast<std::size_t>(chunk)] = loss;
+    });
+    double total = 0;
+    for (double v : partial) total += v;
+    return total;
+  }
+
+  /// out = in * keep / (1 - p) with keep = (uniform_i >= p), uniform_i from the counter-based
+  /// stream `spec` at the element's row-major position (so backward regenerates the mask).
+  template <class T>
+  static void dropout(view<T> out, view<const T> in, const random_spec& spec, double p) {
+    using C = cpu_kernels::compute_of<T>;
+    const index_t n = out.numel();
+    const C scale = C(1.0 / (1.0 - p));
+    const bool dense = out.is_contiguous() && in.is_contiguous();
+    cpu_kernels::parallel_chunks((n + 3) / 4, 1024, 16, [&](index_t q0, index_t q1, int) {
+      for (index_t q = q0; q < q1; ++q) {
+        const philox_block r = spec.block(static_cast<std::uint64_t>(q) * 4);
+        for (index_t i = q * 4; i < std::min(n, q * 4 + 4); ++i) {
+          const bool keep = spec.value(r, static_cast<std::uint64_t>(i)) >= p;
+          const index_t oi = dense ? i : out.layout().offset_of_linear(i);
+          const index_t ii = dense ? i : in.layout().offset_of_linear(i);
+          out.data()[oi] = keep ? static_cast<T>(cpu_kernels::load<T, C>(in.data()[ii]) * scale) : static_cast<T>(C(0));
+        }
+      }
+    });
+  }
+
+  /// Layer normalisation over the last axis of x viewed as (rows, n): y = xhat * gamma + beta
+  /// with xhat = (x - mean) * rstd; mean and rstd (one per row) are kept for backward.
+  /// gamma/beta may be empty (no affine transform).
+  template <class T, class S, class P>
+  static void layer_norm_forward(view<T> y, view<S> mean, view<S> rstd, view<const T> x, view<const P> gamma,
+                                 view<const P> beta, double eps) {
+    using C = cpu_kernels::compute_of<T, S>;
+    const index_t n = x.size(x.rank() - 1), rows = x.numel() / std::max<index_t>(n, 1);
+    cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 8192 / std::max<index_t>(n, 1)), 1, [&](index_t r0, index_t r1, int) {
+      for (index_t r = r0; r < r1; ++r) {
+        const T* xr = x.data() + r * n;
+        T* yr = y.data() + r * n;
+        double s = 0, ss = 0;
+        for (index_t i = 0; i < n; ++i) s += static_cast<double>(cpu_kernels::load<T, C>(xr[i]));
+        const double mu = s / static_cast<double>(n);
+        for (index_t i = 0; i < n; ++i) {
+          const double d = static_cast<double>(cpu_kernels::load<T, C>(xr[i])) - mu;
+          ss += d * d;
+        }
+        const double rs = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
+        mean.data()[r] = static_cast<S>(mu);
+        rstd.data()[r] = static_cast<S>(rs);
+        const C m = C(mu), q = C(rs);
+        for (index_t i = 0; i < n; ++i) {
+          C v = (cpu_kernels::load<T, C>(xr[i]) - m) * q;
+          if (!gamma.empty()) v = v * cpu_kernels::load<P, C>(gamma.data()[i]) + cpu_kernels::load<P, C>(beta.data()[i]);
+          yr[i] = static_cast<T>(v);
+        }
+      }
+    });
+  }
+
+  /// Backward of layer_norm_forward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
+  /// g = dy * gamma; dgamma += sum over rows of dy * xhat, dbeta += sum of dy.
+  template <class T, class S, class P, class G>
+  static void layer_norm_backward(view<T> dx, view<G> dgamma, view<G> dbeta, view<const T> dy, view<const T> x,
+                                  view<const S> mean, view<const S> rstd, view<const P> gamma) {
+    using C = cpu_kernels::compute_of<T, S, G>;
+    const index_t n = x.size(x.rank() - 1), rows = x.numel() / std::max<index_t>(n, 1);
+    const bool affine = !gamma.empty();
+    const index_t grain = std::max<index_t>(1, 8192 / std::max<index_t>(n, 1));
+    const int chunks = cpu_kernels::chunk_count(rows, grain);
+    std::vector<double> part_g(affine ? static_cast<std::size_t>(chunks * n) : 0, 0.0), part_b(part_g.size(), 0.0);
+    cpu_kernels::parallel_chunks(rows, grain, 1, [&](index_t r0, index_t r1, int chunk) {
+      std::vector<C> g(static_cast<std::size_t>(n)), xh(static_cast<std::size_t>(n));
+      double* pg = affine ? part_g.data() + chunk * n : nullptr;
+      double* pb = affine ? part_b.data() + chunk * n : nullptr;
+      for (index_t r = r0; r < r1; ++r) {
+        const T* xr = x.data() + r * n;
+        const T* dyr = dy.data() + r * n;
+        T* dxr = dx.data() + r * n;
+        const C m = cpu_kernels::load<S, C>(mean.data()[r]), q = cpu_kernels::load<S, C>(rstd.data()[r]);
+        double sg = 0, sgx = 0;
+        for (index_t i = 0; i < n; ++i) {
+          const C d = cpu_kernels::load<T, C>(dyr[i]);
+          xh[i] = (cpu_kernels::load<T, C>(xr[i]) - m) * q;
+          g[i] = affine ? d * cpu_kernels::load<P, C>(gamma.data()[i]) : d;
+          sg += static_cast<double>(g[i]);
+          sgx += static_cast<double>(g[i]) * static_cast<double>(xh[i]);
+          if (affine) {
+            pg[i] += static_cast<double>(d) * static_cast<double>(xh[i]);
+            pb[i] += static_cast<double>(d);
+          }
+        }
+        const C mg = C(sg / static_cast<double>(n)), mgx = C(sgx / static_cast<double>(n));
+        for (index_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(q * (g[i] - mg - xh[i] * mgx));
+      }
+    });
+    if (affine) {
+      for (index_t i = 0; i < n; ++i) {
+        double sg = 0, sb = 0;
+        for (int c = 0; c < chunks; ++c) {
+          sg += part_g[static_cast<std::size_t>(c * n + i)];
+          sb += part_b[static_cast<std::size_t>(c * n + i)];
+        }
+        dgamma.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dgamma.data()[i])) + sg);
+        dbeta.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dbeta.data()[i])) + sb);
+      }
+    }
+  }
+};
+
+}  // namespace trident::nn

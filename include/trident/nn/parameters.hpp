@@ -1,0 +1,155 @@
+#pragma once
+/// @file nn/parameters.hpp
+/// A model's parameters and gradients in flat, aligned buffers, one per role, with a view per
+/// tensor into each. Optimizers and (later) sharding work on the flat buffers; modules see
+/// their tensors.
+///
+///   params   storage type (what kernels read: fp32, bf16 or fp16)
+///   grads    gradient type (fp32, or fp16 under fp16_mixed)
+///   master   fp32 copy the optimizer updates; under fp32 it *is* params (no second copy)
+///
+/// Use: modules declare() their tensors while the model is built, the model calls
+/// allocate() once, then handles give views. Each tensor starts on a 64-byte boundary.
+
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../core/policy.hpp"
+#include "../core/tensor.hpp"
+#include "../ops/fill.hpp"
+#include "../ops/transfer.hpp"
+
+namespace trident::nn {
+
+/// One declared parameter tensor.
+struct parameter_info {
+  std::string name;           ///< e.g. "fc1.weight"
+  shape extents;              ///< its shape
+  index_t offset = 0;         ///< first element in the flat buffers
+  bool weight_decay = true;   ///< in the decayed parameter group (false for biases and norms)
+  index_t numel() const noexcept { return extents.numel(); }
+};
+
+/// Refers to a declared parameter (an index into the store).
+struct parameter_handle {
+  int index = -1;
+  bool valid() const noexcept { return index >= 0; }
+};
+
+/// The flat parameter, gradient and master buffers of one model.
+/// @tparam Policy the policy bundle (precision and device)
+template <policy_bundle Policy>
+class parameter_store {
+ public:
+  using policy_type = Policy;
+  using device = typename Policy::device;
+  using storage_type = typename Policy::storage_type;
+  using gradient_type = typename Policy::gradient_type;
+  using master_type = typename Policy::master_type;
+  /// Whether master weights are a separate copy (mixed precision) or the params themselves.
+  static constexpr bool separate_master = !std::is_same_v<storage_type, master_type>;
+  /// Elements per alignment unit: every tensor starts on a 64-byte boundary in every buffer.
+  static constexpr index_t align_elements = 64 / sizeof(gradient_type) > 64 / sizeof(storage_type)
+                                                ? 64 / sizeof(gradient_type)
+                                                : 64 / sizeof(storage_type);
+
+  parameter_store() = default;
+  parameter_store(const parameter_store&) = delete;
+  parameter_store& operator=(const parameter_store&) = delete;
+
+  /// Declares a tensor; only before allocate().
+  parameter_handle declare(std::string name, const shape& extents, bool weight_decay = true) {
+    if (allocated()) throw error("parameter_store::declare: '" + name + "' declared after allocate()");
+    for (const auto& p : infos_) {
+      if (p.name == name) throw error("parameter_store::declare: the name '" + name + "' is declared twice");
+    }
+    parameter_info info{std::move(name), extents, total_, weight_decay};
+    total_ += (extents.numel() + align_elements - 1) / align_elements * align_elements;
+    infos_.push_back(std::move(info));
+    return parameter_handle{static_cast<int>(infos_.size()) - 1};
+  }
+
+  /// Allocates the flat buffers (zero-filled) once every tensor is declared.
+  void allocate() {
+    if (allocated()) throw error("parameter_store::allocate: already allocated");
+    params_ = tensor<storage_type, device>({total_});
+    grads_ = tensor<gradient_type, device>({total_});
+    if constexpr (separate_master) master_ = tensor<master_type, device>({total_});
+    allocated_ = true;
+  }
+  bool allocated() const noexcept { return allocated_; }
+
+  /// The declared tensors, in declaration (and buffer) order.
+  const std::vector<parameter_info>& infos() const noexcept { return infos_; }
+  const parameter_info& info(parameter_handle h) const { return infos_.at(static_cast<std::size_t>(h.index)); }
+  /// Elements in each flat buffer, padding included.
+  index_t size() const noexcept { return total_; }
+  /// Parameters, padding excluded.
+  index_t count() const noexcept {
+    index_t n = 0;
+    for (const auto& p : infos_) n += p.numel();
+    return n;
+  }
+
+  tensor_view<storage_type, device> param(parameter_handle h) { return view_of(params_, h); }
+  tensor_view<gradient_type, device> grad(parameter_handle h) { return view_of(grads_, h); }
+  tensor_view<master_type, device> master(parameter_handle h) {
+    if constexpr (separate_master) {
+      return view_of(master_, h);
+    } else {
+      return view_of(params_, h);
+    }
+  }
+
+  /// The whole flat buffers (padding elements are zero and stay zero).
+  tensor_view<storage_type, device> params() { return checked(params_).view(); }
+  tensor_view<gradient_type, device> grads() { return checked(grads_).view(); }
+  tensor_view<master_type, device> master() {
+    if constexpr (separate_master) {
+      return checked(master_).view();
+    } else {
+      return checked(params_).view();
+    }
+  }
+
+  /// Sets every gradient to zero (start of an accumulation window).
+  void zero_grad() { fill(checked(grads_), 0.0); }
+
+  /// After initialising params (or loading them): master = params. No-op under fp32.
+  void master_from_params() {
+    if constexpr (separate_master) copy(checked(params_), master_);
+  }
+  /// After an optimizer step on master: params = master rounded to the storage type.
+  void params_from_master() {
+    if constexpr (separate_master) copy(checked(master_), params_);
+  }
+
+  /// Bytes held for parameters, gradients and master weights.
+  std::size_t bytes() const noexcept {
+    return static_cast<std::size_t>(total_) *
+           (sizeof(storage_type) + sizeof(gradient_type) + (separate_master ? sizeof(master_type) : 0));
+  }
+
+ private:
+  template <class T>
+  tensor<T, device>& checked(tensor<T, device>& t) {
+    if (!allocated()) throw error("parameter_store: used before allocate()");
+    return t;
+  }
+  template <class T>
+  tensor_view<T, device> view_of(tensor<T, device>& flat, parameter_handle h) {
+    const auto& p = info(h);
+    return checked(flat).view().slice(0, p.offset, p.offset + p.numel()).reshape(p.extents);
+  }
+
+  std::vector<parameter_info> infos_;
+  index_t total_ = 0;
+  bool allocated_ = false;
+  tensor<storage_type, device> params_;
+  tensor<gradient_type, device> grads_;
+  tensor<master_type, device> master_;
+};
+
+}  // namespace trident::nn
