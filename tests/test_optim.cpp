@@ -151,7 +151,7 @@ void default_groups(std::vector<ref_tensor>& ref, double wd) {
 
 TEST_CASE_TEMPLATE("optim: adamw matches PyTorch's AdamW formula", P, OPTIM_POLICIES) {
   fixture<P> f;
-  const double lr = 0.01, b1 = 0.9, b2 = 0.99, eps = 1e-8, wd = 0.1;
+  const double lr = 0.01, b1 = 0.9, b2 = 0.99, eps = 1e-3, wd = 0.1;  // eps large enough to tell where it is added
   default_groups(f.ref, wd);
   optim::adamw opt({.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd});
   run(f, opt,
@@ -215,7 +215,7 @@ TEST_CASE_TEMPLATE("optim: sgd with momentum, dampening, Nesterov and weight dec
             double d = g0[j] + r.wd * r.p[j];
             r.b[j] = t == 1 ? d : mu * r.b[j] + (1 - damp) * d;  // the buffer starts as a copy of d
             d = nesterov ? d + mu * r.b[j] : r.b[j];
-            r.p[j] -= lr * r.r_lr(lr) * 0 + lr * r.lr_scale * d - lr * d + lr * d;
+            r.p[j] -= lr * r.lr_scale * d;
           }
         },
         nesterov ? "sgd nesterov" : "sgd momentum");
@@ -231,4 +231,244 @@ TEST_CASE_TEMPLATE("optim: sgd with momentum, dampening, Nesterov and weight dec
     }, "sgd", 3);
     CHECK(opt.state_tensors().empty());
   }
+}
+
+TEST_CASE_TEMPLATE("optim: adagrad with lr_decay, weight decay and an initial accumulator matches PyTorch's Adagrad", P,
+                   OPTIM_POLICIES) {
+  fixture<P> f;
+  const double lr = 0.05, lr_decay = 0.1, wd = 0.02, init = 0.1, eps = 1e-10;
+  default_groups(f.ref, wd);
+  for (auto& r : f.ref) r.s.assign(r.p.size(), init);
+  optim::adagrad opt({.lr = lr, .lr_decay = lr_decay, .weight_decay = wd, .initial_accumulator_value = init, .eps = eps});
+  run(f, opt,
+      [&](ref_tensor& r, const std::vector<double>& g0, int t) {
+        const double clr = lr * r.lr_scale / (1 + (t - 1) * lr_decay);
+        for (std::size_t j = 0; j < g0.size(); ++j) {
+          const double g = g0[j] + r.wd * r.p[j];
+          r.s[j] += g * g;
+          r.p[j] -= clr * g / (std::sqrt(r.s[j]) + eps);
+        }
+      },
+      "adagrad");
+  CHECK(opt.state_tensors()[0].name == "sum");
+}
+
+TEST_CASE_TEMPLATE("optim: lamb matches DeepSpeed FusedLamb's formula (per-tensor trust ratio, clamped)", P, OPTIM_POLICIES) {
+  for (const bool inside : {false, true}) {
+    fixture<P> f;
+    const double lr = 0.01, b1 = 0.9, b2 = 0.999, eps = 1e-6, wd = 0.01, max_c = 10, min_c = 0.01;
+    default_groups(f.ref, wd);
+    optim::lamb opt({.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd, .eps_inside_sqrt = inside});
+    std::vector<double> ratios;
+    run(f, opt,
+        [&](ref_tensor& r, const std::vector<double>& g, int t) {
+          const double step = lr * r.lr_scale * std::sqrt(1 - std::pow(b2, t)) / (1 - std::pow(b1, t));
+          std::vector<double> u(g.size());
+          double w2 = 0, u2 = 0;
+          for (std::size_t j = 0; j < g.size(); ++j) {
+            r.m[j] = b1 * r.m[j] + (1 - b1) * g[j];
+            r.v[j] = b2 * r.v[j] + (1 - b2) * g[j] * g[j];
+            const double denom = inside ? std::sqrt(r.v[j] + eps) : std::sqrt(r.v[j]) + eps;
+            u[j] = r.m[j] / denom + r.wd * r.p[j];
+            w2 += r.p[j] * r.p[j];
+            u2 += u[j] * u[j];
+          }
+          double ratio = 1;
+          if (w2 != 0 && u2 != 0) ratio = std::clamp(std::sqrt(w2) / std::sqrt(u2), min_c, max_c);
+          if (t == 5) ratios.push_back(ratio);
+          for (std::size_t j = 0; j < g.size(); ++j) r.p[j] -= step * ratio * u[j];
+        },
+        inside ? "lamb eps inside sqrt" : "lamb");
+    REQUIRE(opt.trust_ratios().size() == ratios.size());
+    for (std::size_t i = 0; i < ratios.size(); ++i) CHECK(opt.trust_ratios()[i] == doctest::Approx(ratios[i]).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("optim: lamb clamps the trust ratio and uses 1 for a zero tensor") {
+  nn::parameter_store<policy<fp32, cpu>> s;
+  s.declare("zero", {9});
+  s.declare("big", {7});
+  s.allocate();
+  for (index_t j = 0; j < 7; ++j) s.param(nn::parameter_handle{1}).data()[j] = 1000.0f;  // ‖θ‖ ≫ ‖u‖
+  for (index_t i = 0; i < s.size(); ++i) s.grads().data()[i] = 0.5f;
+  optim::lamb opt({.lr = 1e-3});
+  opt.step(s);
+  CHECK(opt.trust_ratios()[0] == 1.0);   // ‖θ‖ = 0
+  CHECK(opt.trust_ratios()[1] == 10.0);  // clamped to max_coeff
+}
+
+TEST_CASE_TEMPLATE("optim: custom parameter groups take their own lr scale and weight decay", P, OPTIM_POLICIES) {
+  fixture<P> f;
+  const double lr = 0.01, wd = 0.1;
+  default_groups(f.ref, wd);
+  // fc2.weight: half the lr and its own decay; fc1.bias: decayed after all (a name-selected group)
+  f.ref[2].lr_scale = 0.5;
+  f.ref[2].wd = 0.3;
+  f.ref[1].wd = wd;
+  optim::adamw opt({.lr = lr, .weight_decay = wd},
+                   {{.name = "fc2", .selects = optim::prefix("fc2."), .lr_scale = 0.5, .weight_decay = 0.3},
+                    {.name = "decayed bias", .selects = optim::names({"fc1.bias"})}});
+  run(f, opt,
+      [&](ref_tensor& r, const std::vector<double>& g, int t) {
+        const double l = lr * r.lr_scale, bc1 = 1 - std::pow(0.9, t), bc2 = 1 - std::pow(0.999, t);
+        for (std::size_t j = 0; j < g.size(); ++j) {
+          r.p[j] *= 1 - l * r.wd;
+          r.m[j] = 0.9 * r.m[j] + 0.1 * g[j];
+          r.v[j] = 0.999 * r.v[j] + 0.001 * g[j] * g[j];
+          r.p[j] -= l / bc1 * r.m[j] / (std::sqrt(r.v[j]) / std::sqrt(bc2) + 1e-8);
+        }
+      },
+      "adamw groups", 4);
+  REQUIRE(opt.groups().size() == 4);
+  CHECK(opt.groups()[0].tensors == std::vector<int>{2});
+  CHECK(opt.groups()[1].tensors == std::vector<int>{1});
+  CHECK(opt.groups()[2].tensors == std::vector<int>{0});
+  CHECK(opt.groups()[3].tensors == std::vector<int>{3});
+}
+
+TEST_CASE_TEMPLATE("optim: large tensors split across threads match the reference", P, OPTIM_POLICIES) {
+  // chunks of >= 32 Ki elements: several threads, boundaries inside and between tensors
+  fixture<P> f({{"a.weight", 100003}, {"b.bias", 5}, {"c.weight", 70001}});
+  const double lr = 0.003, wd = 0.02;
+  default_groups(f.ref, wd);
+  optim::adamw opt({.lr = lr, .weight_decay = wd});
+  run(f, opt,
+      [&](ref_tensor& r, const std::vector<double>& g, int t) {
+        const double bc1 = 1 - std::pow(0.9, t), bc2 = 1 - std::pow(0.999, t);
+        for (std::size_t j = 0; j < g.size(); ++j) {
+          r.p[j] *= 1 - lr * r.wd;
+          r.m[j] = 0.9 * r.m[j] + 0.1 * g[j];
+          r.v[j] = 0.999 * r.v[j] + 0.001 * g[j] * g[j];
+          r.p[j] -= lr / bc1 * r.m[j] / (std::sqrt(r.v[j]) / std::sqrt(bc2) + 1e-8);
+        }
+      },
+      "adamw large", 2);
+}
+
+TEST_CASE("optim: step leaves gradients alone (accumulation is the caller's)") {
+  fixture<policy<fp16_mixed, cpu>> f;
+  f.set_grads(1, 1.0);
+  std::vector<std::uint16_t> before(static_cast<std::size_t>(f.store.size()));
+  for (index_t i = 0; i < f.store.size(); ++i) before[static_cast<std::size_t>(i)] = f.store.grads().data()[i].bits;
+  optim::sgd opt({.lr = 0.1, .momentum = 0.9});
+  opt.step(f.store);
+  for (index_t i = 0; i < f.store.size(); ++i) REQUIRE(f.store.grads().data()[i].bits == before[static_cast<std::size_t>(i)]);
+}
+
+TEST_CASE_TEMPLATE("optim: grad_norm, clip_factor and first_nonfinite", P, OPTIM_POLICIES) {
+  fixture<P> f;
+  const auto g = f.set_grads(3, 1.0);
+  double want = 0;
+  for (const auto& t : g) {
+    for (double x : t) want += x * x;
+  }
+  auto gn = optim::grad_norm(f.store);
+  CHECK(gn.finite);
+  CHECK(gn.norm == doctest::Approx(std::sqrt(want)).epsilon(1e-12));
+  CHECK(optim::first_nonfinite(f.store).empty());
+
+  // PyTorch's clip_grad_norm_: max_norm / (norm + 1e-6), clamped to 1
+  CHECK(optim::clip_factor(10.0, 1.0) == doctest::Approx(1.0 / (10.0 + 1e-6)).epsilon(1e-15));
+  CHECK(optim::clip_factor(0.5, 1.0) == 1.0);
+  CHECK(optim::clip_factor(std::numeric_limits<double>::infinity(), 1.0) == 0.0);
+  CHECK(std::isnan(optim::clip_factor(std::numeric_limits<double>::quiet_NaN(), 1.0)));
+  CHECK_THROWS_WITH_AS(optim::clip_factor(1.0, 0.0), doctest::Contains("max_norm"), trident::error);
+
+  // clipping through grad_scale: one step with the clip factor equals a step on clipped grads
+  {
+    fixture<P> a, b;
+    a.set_grads(1, 1.0);
+    const auto gb = b.set_grads(1, 1.0);
+    const double norm = optim::grad_norm(a.store).norm, c = optim::clip_factor(norm, 0.25);
+    CHECK(c < 1.0);
+    optim::sgd oa({.lr = 0.5});
+    oa.step(a.store, c);
+    for (std::size_t t = 0; t < b.ref.size(); ++t) {
+      for (std::size_t j = 0; j < gb[t].size(); ++j) b.ref[t].p[j] -= 0.5 * static_cast<double>(static_cast<float>(c)) * gb[t][j];
+    }
+    a.ref = b.ref;
+    a.check("sgd clipped", 1);
+  }
+
+  using G = typename P::gradient_type;
+  const index_t at = f.store.infos()[2].offset + 4;
+  for (const float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    const G saved = f.store.grads().data()[at];
+    f.store.grads().data()[at] = to_storage<G>(bad);
+    gn = optim::grad_norm(f.store);
+    CHECK_FALSE(gn.finite);
+    CHECK(optim::first_nonfinite(f.store) == "fc2.weight");
+    f.store.grads().data()[at] = saved;
+  }
+  if constexpr (std::is_same_v<G, half>) {
+    // an fp16 overflow: a finite float that rounds to half infinity
+    f.store.grads().data()[f.store.infos()[0].offset] = half(70000.0f);
+    CHECK_FALSE(optim::grad_norm(f.store).finite);
+    CHECK(optim::first_nonfinite(f.store) == "fc1.weight");
+  }
+}
+
+TEST_CASE("optim: bad hyperparameters and misuse get a clear error") {
+  using E = trident::error;
+  CHECK_THROWS_WITH_AS(optim::adamw({.lr = -1e-3}), doctest::Contains("learning rate"), E);
+  CHECK_THROWS_WITH_AS(optim::adamw({.beta1 = 1.0}), doctest::Contains("beta1"), E);
+  CHECK_THROWS_WITH_AS(optim::adam({.beta2 = -0.1}), doctest::Contains("beta2"), E);
+  CHECK_THROWS_WITH_AS(optim::adamw({.eps = 0.0}), doctest::Contains("eps"), E);
+  CHECK_THROWS_WITH_AS(optim::adagrad({.eps = -1.0}), doctest::Contains("eps"), E);
+  CHECK_THROWS_WITH_AS(optim::adamw({.weight_decay = -0.1}), doctest::Contains("weight_decay"), E);
+  CHECK_THROWS_WITH_AS(optim::sgd({.momentum = -0.5}), doctest::Contains("momentum"), E);
+  CHECK_THROWS_WITH_AS(optim::sgd({.momentum = 0.9, .dampening = 0.1, .nesterov = true}), doctest::Contains("Nesterov"), E);
+  CHECK_THROWS_WITH_AS(optim::sgd({.nesterov = true}), doctest::Contains("Nesterov"), E);
+  CHECK_THROWS_WITH_AS(optim::adagrad({.lr_decay = -1}), doctest::Contains("lr_decay"), E);
+  CHECK_THROWS_WITH_AS(optim::adagrad({.initial_accumulator_value = -1}), doctest::Contains("initial_accumulator_value"), E);
+  CHECK_THROWS_WITH_AS(optim::lamb({.max_coeff = 0.001}), doctest::Contains("max_coeff"), E);
+  CHECK_THROWS_WITH_AS(optim::adamw({}, {{.name = "g", .selects = nullptr}}), doctest::Contains("no predicate"), E);
+  CHECK_THROWS_WITH_AS(optim::adamw({}, {{.name = "g", .selects = optim::prefix("x"), .lr_scale = -1}}), doctest::Contains("lr_scale"), E);
+
+  optim::adamw opt;
+  CHECK_THROWS_WITH_AS(opt.set_lr(std::numeric_limits<double>::quiet_NaN()), doctest::Contains("learning rate"), E);
+  CHECK_THROWS_WITH_AS(opt.set_betas(0.9, 1.5), doctest::Contains("beta2"), E);
+
+  nn::parameter_store<policy<fp32, cpu>> unallocated;
+  unallocated.declare("w", {3});
+  CHECK_THROWS_WITH_AS(opt.step(unallocated), doctest::Contains("not allocated"), E);
+  CHECK_THROWS_WITH_AS(optim::grad_norm(unallocated), doctest::Contains("not allocated"), E);
+
+  fixture<policy<fp32, cpu>> f;
+  CHECK_THROWS_WITH_AS(opt.step(f.store, 0.0), doctest::Contains("grad_scale"), E);
+  CHECK_THROWS_WITH_AS(opt.step(f.store, std::numeric_limits<double>::infinity()), doctest::Contains("grad_scale"), E);
+  opt.step(f.store);
+  fixture<policy<fp32, cpu>> other({{"w", 3}});
+  CHECK_THROWS_WITH_AS(opt.step(other.store), doctest::Contains("created for a parameter store"), E);
+
+  optim::adamw typo({}, {{.name = "embeddings", .selects = optim::prefix("embed.")}});
+  CHECK_THROWS_WITH_AS(typo.step(f.store), doctest::Contains("'embeddings' selects no tensor"), E);
+}
+
+TEST_CASE("optim: lr, step count and restored state") {
+  fixture<policy<fp32, cpu>> a, b;
+  optim::adamw oa({.lr = 0.01}), ob({.lr = 0.01});
+  CHECK(oa.lr() == 0.01);
+  oa.set_lr(0.02);
+  ob.set_lr(0.02);
+  CHECK(oa.hyperparameters().lr == 0.02);
+  for (int t = 1; t <= 2; ++t) {
+    a.set_grads(t, 1.0);
+    oa.step(a.store);
+  }
+  // resume b from a's state: params, moments, step count
+  ob.init(b.store);
+  for (index_t i = 0; i < a.store.size(); ++i) b.store.params().data()[i] = a.store.params().data()[i];
+  auto sa = oa.state_tensors();
+  auto sb = ob.state_tensors();
+  for (std::size_t k = 0; k < sa.size(); ++k) {
+    for (index_t i = 0; i < sa[k].values.numel(); ++i) sb[k].values.data()[i] = sa[k].values.data()[i];
+  }
+  ob.set_step_count(oa.step_count());
+  a.set_grads(3, 1.0);
+  b.set_grads(3, 1.0);
+  oa.step(a.store);
+  ob.step(b.store);
+  for (index_t i = 0; i < a.store.size(); ++i) REQUIRE(a.store.params().data()[i] == b.store.params().data()[i]);
+  CHECK(ob.step_count() == 3);
 }

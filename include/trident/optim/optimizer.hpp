@@ -64,17 +64,17 @@ inline tensor_predicate prefix(std::string prefix) {
 
 /// A custom parameter group: which tensors, and how their hyperparameters differ.
 struct group_spec {
-  std::string name;                    ///< for messages and groups()
-  tensor_predicate selects;            ///< the tensors this group takes (first matching group wins)
+  std::string name{};                  ///< for messages and groups()
+  tensor_predicate selects{};          ///< the tensors this group takes (first matching group wins)
   double lr_scale = 1.0;               ///< the group's lr is optimizer lr() * lr_scale
-  std::optional<double> weight_decay;  ///< unset: the optimizer's weight_decay
+  std::optional<double> weight_decay{};  ///< unset: the optimizer's weight_decay
 };
 
 /// A resolved parameter group: the tensors (indices into the store's infos()) it holds.
 struct param_group {
   std::string name;
   double lr_scale = 1.0;
-  std::optional<double> weight_decay;  ///< unset: follows the optimizer's weight_decay
+  std::optional<double> weight_decay{};  ///< unset: follows the optimizer's weight_decay
   std::vector<int> tensors;
 };
 

@@ -43,9 +43,9 @@ struct one_cycle_options {
   double cycle_max_lr = std::numeric_limits<double>::quiet_NaN();  ///< required
   double decay_lr_rate = 0.0;
   std::int64_t cycle_first_step_size = 2000;
-  std::optional<std::int64_t> cycle_second_step_size;  ///< unset: cycle_first_step_size
+  std::optional<std::int64_t> cycle_second_step_size{};  ///< unset: cycle_first_step_size
   std::int64_t cycle_first_stair_count = 0;             ///< unused, as in DeepSpeed
-  std::optional<std::int64_t> cycle_second_stair_count; ///< unused, as in DeepSpeed
+  std::optional<std::int64_t> cycle_second_stair_count{}; ///< unused, as in DeepSpeed
   std::int64_t decay_step_size = 0;
   bool cycle_momentum = true;
   double cycle_min_mom = 0.8;

@@ -23,7 +23,7 @@ namespace trident::sched {
 struct warmup_lr_options {
   double warmup_min_lr = 0.0;
   /// Unset: the optimizer's lr at construction (DeepSpeed's current default; older releases used 0.001).
-  std::optional<double> warmup_max_lr;
+  std::optional<double> warmup_max_lr{};
   std::int64_t warmup_num_steps = 1000;
   warmup_kind warmup_type = warmup_kind::log;
   std::int64_t last_batch_iteration = -1;
@@ -33,7 +33,7 @@ struct warmup_lr_options {
 struct warmup_decay_lr_options {
   std::int64_t total_num_steps = 0;  ///< required: > 0 and >= warmup_num_steps
   double warmup_min_lr = 0.0;
-  std::optional<double> warmup_max_lr;  ///< unset: the optimizer's lr at construction
+  std::optional<double> warmup_max_lr{};  ///< unset: the optimizer's lr at construction
   std::int64_t warmup_num_steps = 1000;
   warmup_kind warmup_type = warmup_kind::log;
   std::int64_t last_batch_iteration = -1;
