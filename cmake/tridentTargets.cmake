@@ -4,6 +4,7 @@
 #   trident::trident  headers, C++20 (always)
 #   trident::openmp   + OpenMP threads in the CPU kernels
 #   trident::mpi      + MPI (for trident/mpi.hpp)
+#   trident::io       + zlib (for trident/io.hpp: IDX/.gz datasets such as Fashion-MNIST)
 #   trident::cuda     + CUDA runtime, cuBLAS/cuBLASLt (for trident/cuda.hpp, nvcc TUs)
 
 include(GNUInstallDirs)  # CMAKE_INSTALL_INCLUDEDIR for the install interface below
@@ -30,6 +31,14 @@ if(MPI_CXX_FOUND)
   add_library(trident::mpi ALIAS trident_mpi)
   target_link_libraries(trident_mpi INTERFACE trident MPI::MPI_CXX)
   set_target_properties(trident_mpi PROPERTIES EXPORT_NAME mpi)
+endif()
+
+find_package(ZLIB)
+if(ZLIB_FOUND)
+  add_library(trident_io INTERFACE)
+  add_library(trident::io ALIAS trident_io)
+  target_link_libraries(trident_io INTERFACE trident ZLIB::ZLIB)
+  set_target_properties(trident_io PROPERTIES EXPORT_NAME io)
 endif()
 
 set(TRIDENT_HAS_CUDA OFF)
@@ -60,7 +69,7 @@ if(NOT TRIDENT_CUDA STREQUAL "OFF")
     message(FATAL_ERROR "TRIDENT_CUDA=ON but no CUDA compiler or CUDA Toolkit was found")
   endif()
 endif()
-message(STATUS "trident: OpenMP ${OpenMP_CXX_FOUND}, MPI ${MPI_CXX_FOUND}, CUDA ${TRIDENT_HAS_CUDA}")
+message(STATUS "trident: OpenMP ${OpenMP_CXX_FOUND}, MPI ${MPI_CXX_FOUND}, zlib ${ZLIB_FOUND}, CUDA ${TRIDENT_HAS_CUDA}")
 
 # Flags for trident's own tests, examples and benchmarks (never imposed on consumers).
 add_library(trident_project_options INTERFACE)

@@ -1,8 +1,8 @@
 #pragma once
 /// @file io.hpp
-/// Opt-in umbrella for data loading: the IDX reader, Fashion-MNIST and the batch loader.
-/// Not part of trident.hpp because the IDX reader needs zlib: link trident::io (which
-/// links ZLIB::ZLIB), or zlib yourself (-lz).
+/// Datasets: the IDX reader (plain or gzip), Fashion-MNIST, and shuffled, sharded batches.
+/// Needs zlib: link trident::io (find_package(trident COMPONENTS io)). Not included by
+/// trident.hpp, whose users need no zlib.
 
 #include "io/batches.hpp"
 #include "io/fashion_mnist.hpp"
