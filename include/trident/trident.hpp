@@ -11,6 +11,7 @@
 #include "precision/bfloat16.hpp"
 #include "precision/convert.hpp"
 #include "precision/half.hpp"
+#include "precision/loss_scaler.hpp"
 #include "precision/policy.hpp"
 
 #include "core/activation.hpp"
@@ -34,3 +35,6 @@
 #include "ops/reduce.hpp"
 #include "ops/transfer.hpp"
 #include "nn.hpp"
+#include "optim/optim.hpp"
+#include "sched/sched.hpp"
+#include "train.hpp"

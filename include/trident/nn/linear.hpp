@@ -6,6 +6,7 @@
 /// bf16), weight gradients accumulated in the gradient type.
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -53,6 +54,8 @@ class linear {
   index_t out_features() const noexcept { return out_; }
   parameter_handle weight() const noexcept { return weight_; }
   parameter_handle bias() const noexcept { return bias_; }
+  /// Forward FLOPs of the last forward: 2 · rows · in · out.
+  std::int64_t flops() const noexcept { return 2 * static_cast<std::int64_t>(x_.rank() ? x_.size(0) : 0) * in_ * out_; }
 
   /// x (..., in) -> y (..., out).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {

@@ -53,6 +53,17 @@ void init_module(M& m, generator& gen) {
   if constexpr (requires { m.init(gen); }) m.init(gen);
 }
 
+/// Forward FLOPs of a module's last forward (multiply-adds count 2), or 0 for a module that
+/// does not count them (element-wise layers, whose cost is memory traffic, not arithmetic).
+template <class M>
+std::int64_t flops_of(const M& m) noexcept {
+  if constexpr (requires { m.flops(); }) {
+    return static_cast<std::int64_t>(m.flops());
+  } else {
+    return 0;
+  }
+}
+
 /// Modules applied one after another; backward runs them in reverse.
 /// @tparam Policy the policy bundle
 /// @tparam Modules the modules, in order
@@ -74,6 +85,11 @@ class sequential {
   }
   void init(generator& gen) {
     std::apply([&](auto&... m) { (init_module(m, gen), ...); }, modules_);
+  }
+
+  /// Forward FLOPs of the last forward: the sum over the modules that count theirs.
+  std::int64_t flops() const noexcept {
+    return std::apply([](const auto&... m) { return (std::int64_t{0} + ... + flops_of(m)); }, modules_);
   }
 
   /// The i-th module.
