@@ -12,9 +12,12 @@
 ///   (not below min_loss_scale); otherwise the remaining hysteresis count drops by one and the
 ///   scale stays. An overflow while already at min_loss_scale with hysteresis used up throws
 ///   trident::error naming the first tensor whose gradient was not finite.
-/// - clean step: with consecutive_hysteresis, the hysteresis count is restored at once. Every
-///   loss_scale_window iterations since the last overflow (counted from iteration 0 when there
-///   was none), the scale is multiplied by scale_factor, and the hysteresis count is restored.
+/// - clean step: with consecutive_hysteresis, the hysteresis count is restored at once. When
+///   the clean iterations before this one since the last overflow (since the start when there
+///   was none) are a positive multiple of loss_scale_window, the scale is multiplied by
+///   scale_factor and, without consecutive_hysteresis, the hysteresis count is restored. So
+///   the scale first grows at the update after the (window + 1)-th clean iteration in a row
+///   (DeepSpeed's stable_interval = cur_iter − last_overflow_iter − 1).
 ///
 /// The default, printed by describe(): "dynamic loss scale: initial 2^16, window 1000,
 /// hysteresis 2, consecutive hysteresis off, min 1, factor 2" (DeepSpeed's fp16 defaults).
@@ -102,7 +105,8 @@ class dynamic_loss_scaler {
       ++s_.skipped_steps;
     } else {
       if (o_.consecutive_hysteresis) s_.hysteresis_left = o_.hysteresis;
-      if ((s_.iteration - s_.last_overflow_iteration) % o_.loss_scale_window == 0) {
+      const std::int64_t stable_interval = s_.iteration - s_.last_overflow_iteration - 1;
+      if (stable_interval > 0 && stable_interval % o_.loss_scale_window == 0) {
         if (!o_.consecutive_hysteresis) s_.hysteresis_left = o_.hysteresis;
         s_.scale *= o_.scale_factor;
       }

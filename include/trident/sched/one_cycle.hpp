@@ -8,6 +8,10 @@
 ///
 ///     t < C:   x = b/C − ⌊b/C⌋ (so x = b/C inside the cycle)
 ///              s = x/ρ when x ≤ ρ, else (x − 1)/(ρ − 1)
+///              with a stair count n > 0 for that half (cycle_first_stair_count when x ≤ ρ,
+///              else cycle_second_stair_count, which defaults to the first), s is held in n
+///              stairs instead: with c = b mod C,
+///                s = ⌊c·n/S1⌋/n when c ≤ S1, else ⌊(C − c)·n/S2⌋/n
 ///              lr = min_lr + (max_lr − min_lr)·s,   mom = max_mom − (max_mom − min_mom)·s
 ///     t ≥ C:   d = t − C + 1
 ///              lr = min_lr / (1 + decay_lr_rate·d/decay_step_size)     (min_lr if either is 0)
@@ -18,8 +22,8 @@
 /// momentum jumps at the first step, and so does ours).
 ///
 /// Where we follow DeepSpeed, and where we cannot:
-/// - cycle_first_stair_count / cycle_second_stair_count are accepted and validated but, as in
-///   DeepSpeed, unused: the cycle is continuous.
+/// - cycle_first_stair_count / cycle_second_stair_count: 0 (the default) keeps the cycle
+///   continuous; DeepSpeed also treats a negative count as 0, we refuse it.
 /// - Momentum on Adam-family optimizers (anything with set_betas) is β1, and DeepSpeed sets the
 ///   pair (mom, 0.99): β2 becomes 0.99 whatever it was. We do the same, so the numbers match.
 /// - DeepSpeed disables momentum cycling (with a warning) for optimizers without betas, which
@@ -44,8 +48,8 @@ struct one_cycle_options {
   double decay_lr_rate = 0.0;
   std::int64_t cycle_first_step_size = 2000;
   std::optional<std::int64_t> cycle_second_step_size{};  ///< unset: cycle_first_step_size
-  std::int64_t cycle_first_stair_count = 0;             ///< unused, as in DeepSpeed
-  std::optional<std::int64_t> cycle_second_stair_count{}; ///< unused, as in DeepSpeed
+  std::int64_t cycle_first_stair_count = 0;               ///< stairs in the rising half; 0: continuous
+  std::optional<std::int64_t> cycle_second_stair_count{}; ///< stairs in the falling half; unset: cycle_first_stair_count
   std::int64_t decay_step_size = 0;
   bool cycle_momentum = true;
   double cycle_min_mom = 0.8;
@@ -79,8 +83,12 @@ class one_cycle : public scheduler_base<one_cycle> {
       detail::require(o.cycle_max_mom >= 0 && o.cycle_max_mom < 1, who, "cycle_max_mom must be in [0, 1), got " + detail::fmt(o.cycle_max_mom));
       detail::require(std::isfinite(o.decay_mom_rate), who, "decay_mom_rate must be finite");
     }
-    total_ = static_cast<double>(o.cycle_first_step_size) + static_cast<double>(second);
-    ratio_ = static_cast<double>(o.cycle_first_step_size) / total_;
+    first_ = static_cast<double>(o.cycle_first_step_size);
+    second_ = static_cast<double>(second);
+    total_ = first_ + second_;
+    ratio_ = first_ / total_;
+    first_stairs_ = o.cycle_first_stair_count;
+    second_stairs_ = o.cycle_second_stair_count.value_or(o.cycle_first_stair_count);
     skip_lr_decay_ = o.decay_step_size == 0 || o.decay_lr_rate == 0.0;
     skip_mom_decay_ = o.decay_step_size == 0 || o.decay_mom_rate == 0.0;
   }
@@ -117,7 +125,15 @@ class one_cycle : public scheduler_base<one_cycle> {
     const double b = static_cast<double>(t + 1);
     const double cycle = std::floor(1.0 + b / total_);
     const double x = 1.0 + b / total_ - cycle;
-    return x <= ratio_ ? x / ratio_ : (x - 1.0) / (ratio_ - 1.0);
+    const bool rising = x <= ratio_;
+    const std::int64_t stairs = rising ? first_stairs_ : second_stairs_;
+    if (stairs <= 0) return rising ? x / ratio_ : (x - 1.0) / (ratio_ - 1.0);
+    // As DeepSpeed: the stair comes from the integer batch offset, not from the float x, which
+    // can land just under a whole stair at a half-cycle boundary.
+    const double n = static_cast<double>(stairs);
+    const double c = std::fmod(b, total_);
+    const double position = c <= first_ ? c * n / first_ : (total_ - c) * n / second_;
+    return std::floor(position) / n;
   }
 
   template <class O>
@@ -132,8 +148,10 @@ class one_cycle : public scheduler_base<one_cycle> {
   }
 
   one_cycle_options o_;
+  double first_ = 0, second_ = 0;
   double total_ = 0;
   double ratio_ = 0.5;
+  std::int64_t first_stairs_ = 0, second_stairs_ = 0;
   bool skip_lr_decay_ = true;
   bool skip_mom_decay_ = true;
 };

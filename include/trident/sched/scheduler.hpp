@@ -80,9 +80,10 @@ inline void require_lr(const char* who, const char* name, double v) {
   require(std::isfinite(v) && v >= 0, who, std::string(name) + " must be finite and >= 0, got " + fmt(v));
 }
 
-/// DeepSpeed clamps warmup_num_steps to at least 2 (ln(1) would divide by zero).
+/// DeepSpeed refuses warmup_num_steps <= 0 (ValueError) and clamps the rest to at least 2
+/// (ln(1) would divide by zero).
 inline std::int64_t effective_warmup(const char* who, std::int64_t warmup_num_steps) {
-  require(warmup_num_steps >= 0, who, "warmup_num_steps must be >= 0, got " + std::to_string(warmup_num_steps));
+  require(warmup_num_steps > 0, who, "warmup_num_steps must be a positive integer, got " + std::to_string(warmup_num_steps));
   return warmup_num_steps < 2 ? 2 : warmup_num_steps;
 }
 

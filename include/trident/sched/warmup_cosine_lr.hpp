@@ -7,10 +7,11 @@
 ///
 ///     t < 0    0 (DeepSpeed's get_lr() before the start; the constructor sets the lr to 0)
 ///     t < W    base · (wmin + (1 − wmin)·γ),  γ = ln(t + 1)/ln(W) ("log") or t/W ("linear")
-///     t ≥ W    base · max(0, cmin + (1 − cmin)·(1 + cos(π·(t − W + 1)/(T − W)))/2)
+///     t ≥ W    base · max(0, cmin + (1 − cmin)·(1 + cos(π·p))/2),
+///              p = min(1, (t − W + 1)/max(1, T − W))
 ///
-/// As in DeepSpeed, the cosine is not clamped at t > T: past total_num_steps the ratio rises
-/// again (cos keeps turning). Stop stepping at T, or use a total that covers the run.
+/// As in DeepSpeed, the cosine progress p is clamped at 1: from t = T − 1 on the ratio stays at
+/// cos_min_ratio (it does not turn back up past total_num_steps).
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +23,7 @@ namespace trident::sched {
 
 /// WarmupCosineLR's parameters (DeepSpeed's names and defaults).
 struct warmup_cosine_lr_options {
-  std::int64_t total_num_steps = 0;  ///< required: > max(2, warmup_num_steps)
+  std::int64_t total_num_steps = 0;  ///< required: >= max(2, warmup_num_steps)
   double warmup_min_ratio = 0.0;
   std::int64_t warmup_num_steps = 1000;
   double cos_min_ratio = 0.0001;
@@ -47,10 +48,11 @@ class warmup_cosine_lr : public scheduler_base<warmup_cosine_lr> {
     detail::require(std::isfinite(cmin_) && cmin_ >= 0, who, "cos_min_ratio must be finite and >= 0, got " + detail::fmt(cmin_));
     warmup_ = detail::effective_warmup(who, o.warmup_num_steps);
     detail::require(total_ > 0, who, "total_num_steps must be > 0, got " + std::to_string(total_));
-    // DeepSpeed warns when total < warmup and divides by zero when they are equal.
-    detail::require(total_ > warmup_, who,
-                    "total_num_steps (" + std::to_string(total_) + ") must exceed warmup_num_steps (" + std::to_string(warmup_) +
-                        (o.warmup_num_steps < 2 ? ", DeepSpeed's minimum" : "") + ")");
+    // DeepSpeed only warns when total < warmup (every step after the warm-up then sits at
+    // cos_min_ratio); a decay that would start after the end is a config error.
+    detail::require(total_ >= warmup_, who,
+                    "warmup_num_steps (" + std::to_string(warmup_) + (o.warmup_num_steps < 2 ? ", DeepSpeed's minimum" : "") +
+                        ") exceeds total_num_steps (" + std::to_string(total_) + ")");
   }
   /// DeepSpeed's use: the base lr is the optimizer's lr now; sets the lr (to 0) now when
   /// last_batch_iteration is -1.
@@ -63,7 +65,7 @@ class warmup_cosine_lr : public scheduler_base<warmup_cosine_lr> {
   double ratio_at(std::int64_t t) const noexcept {
     if (t < 0) return 0.0;
     if (t < warmup_) return wmin_ + (1.0 - wmin_) * detail::warmup_gamma(kind_, t, warmup_);
-    const double x = static_cast<double>(t - warmup_ + 1) / static_cast<double>(total_ - warmup_);
+    const double x = std::min(1.0, static_cast<double>(t - warmup_ + 1) / static_cast<double>(std::max<std::int64_t>(1, total_ - warmup_)));
     const double pi = 3.14159265358979323846;
     return std::max(0.0, cmin_ + (1.0 - cmin_) * (1.0 + std::cos(pi * x)) / 2.0);
   }

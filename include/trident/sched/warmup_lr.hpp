@@ -33,7 +33,9 @@ struct warmup_lr_options {
 struct warmup_decay_lr_options {
   std::int64_t total_num_steps = 0;  ///< required: > 0 and >= warmup_num_steps
   double warmup_min_lr = 0.0;
-  std::optional<double> warmup_max_lr{};  ///< unset: the optimizer's lr at construction
+  /// DeepSpeed's WarmupDecayLR defaults to 0.001, not to the optimizer's lr as WarmupLR does.
+  /// Reset it (std::nullopt) to take the optimizer's lr at construction.
+  std::optional<double> warmup_max_lr = 0.001;
   std::int64_t warmup_num_steps = 1000;
   warmup_kind warmup_type = warmup_kind::log;
   std::int64_t last_batch_iteration = -1;
@@ -84,10 +86,10 @@ class warmup_lr : public scheduler_base<warmup_lr> {
 /// total_num_steps.
 class warmup_decay_lr : public scheduler_base<warmup_decay_lr> {
  public:
-  /// Pure use: warmup_max_lr must be set.
+  /// Pure use: warmup_max_lr must be set (it is, to DeepSpeed's 0.001, unless reset).
   explicit warmup_decay_lr(const warmup_decay_lr_options& o) : warmup_decay_lr(o, o.warmup_max_lr) {}
-  /// DeepSpeed's use: an unset warmup_max_lr is the optimizer's lr; sets the lr now when
-  /// last_batch_iteration is -1.
+  /// DeepSpeed's use: a warmup_max_lr reset to std::nullopt is the optimizer's lr; sets the lr
+  /// now when last_batch_iteration is -1.
   template <lr_controlled O>
   warmup_decay_lr(O& optimizer, const warmup_decay_lr_options& o) : warmup_decay_lr(o, o.warmup_max_lr.value_or(optimizer.lr())) {
     apply_initial(optimizer);
