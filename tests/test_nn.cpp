@@ -270,3 +270,57 @@ TEST_CASE("the arena reuses one block after the first step") {
   CHECK(mem.peak_bytes() == 10 * 400000);
   CHECK(mem.capacity_bytes() == mem.peak_bytes());  // merged into one block of the peak size
 }
+
+namespace {
+
+/// A user-defined model holding modules: y = fc2(gelu(fc1(x))) + skip(x), a residual block
+/// written by hand (not a sequential), with its own backward that joins the two branches.
+template <class P>
+struct residual_block {
+  using S = typename P::storage_type;
+  nn::linear<P> fc1, fc2, skip;
+  nn::gelu<P> act;
+  residual_block(nn::parameter_store<P>& store, index_t in, index_t hidden, index_t out)
+      : fc1(store, "block.fc1", in, hidden), fc2(store, "block.fc2", hidden, out), skip(store, "block.skip", in, out, false) {}
+  void init(generator& g) {
+    fc1.init(g);
+    fc2.init(g);
+    skip.init(g);
+  }
+  tensor_view<S, cpu> forward(nn::context<P>& ctx, tensor_view<const S, cpu> x) {
+    auto main = fc2.forward(ctx, act.forward(ctx, fc1.forward(ctx, x)));
+    auto side = skip.forward(ctx, x);
+    auto y = ctx.template allocate<S>(main.shape());
+    add(main, side, y);
+    return y;
+  }
+  tensor_view<S, cpu> backward(nn::context<P>& ctx, tensor_view<const S, cpu> dy) {
+    auto d_main = fc1.backward(ctx, act.backward(ctx, fc2.backward(ctx, dy)));
+    auto d_side = skip.backward(ctx, dy);
+    auto dx = ctx.template allocate<S>(d_main.shape());
+    add(d_main, d_side, dx);
+    return dx;
+  }
+  std::int64_t flops() const { return nn::flops_of(fc1) + nn::flops_of(fc2) + nn::flops_of(skip); }
+};
+
+}  // namespace
+
+TEST_CASE("gradient check: a user-defined model holding modules, inside a sequential") {
+  nn::parameter_store<f64> store;
+  using block = residual_block<f64>;
+  static_assert(nn::module<block, f64>);
+  nn::sequential<f64, block, nn::relu<f64>, nn::linear<f64>> model(block(store, 6, 10, 5), nn::relu<f64>{},
+                                                                   nn::linear<f64>(store, "head", 5, 3));
+  auto x = random_input({4, 6}, 51);
+  check_module(store, model, x, "residual block + relu + linear");
+  // Its parameters are views into one flat buffer, in declaration order, 64-byte aligned.
+  const auto& infos = store.infos();
+  REQUIRE(infos.size() == 7);
+  CHECK(infos[0].name == "block.fc1.weight");
+  CHECK(infos[4].name == "block.skip.weight");
+  CHECK(infos[6].name == "head.bias");
+  for (const auto& p : infos) CHECK(p.offset % 8 == 0);  // 8 doubles = 64 bytes
+  // FLOPs of the last forward: 2·rows·(in·out) per linear layer.
+  CHECK(model.flops() == 2 * 4 * (6 * 10 + 10 * 5 + 6 * 5 + 5 * 3));
+}
