@@ -310,8 +310,9 @@ TEST_CASE("gradient check: a user-defined model holding modules, inside a sequen
   nn::parameter_store<f64> store;
   using block = residual_block<f64>;
   static_assert(nn::module<block, f64>);
-  nn::sequential<f64, block, nn::relu<f64>, nn::linear<f64>> model(block(store, 6, 10, 5), nn::relu<f64>{},
-                                                                   nn::linear<f64>(store, "head", 5, 3));
+  // Braces: the modules are built (and declare their tensors) left to right.
+  nn::sequential<f64, block, nn::relu<f64>, nn::linear<f64>> model{block(store, 6, 10, 5), nn::relu<f64>{},
+                                                                   nn::linear<f64>(store, "head", 5, 3)};
   auto x = random_input({4, 6}, 51);
   check_module(store, model, x, "residual block + relu + linear");
   // Its parameters are views into one flat buffer, in declaration order, 64-byte aligned.
