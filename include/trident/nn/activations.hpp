@@ -65,7 +65,9 @@ class flatten {
     auto c = owned(ctx, x);
     return c.reshape({x.size(0), x.numel() / (x.size(0) ? x.size(0) : 1)});
   }
+  /// An empty gradient (the layer after it computes no input gradient) passes on as empty.
   tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy) {
+    if (dy.empty() && in_shape_.numel() != 0) return {};
     if (dy.numel() != in_shape_.numel()) {
       throw shape_error("nn::flatten::backward: gradient has shape " + dy.shape().str() + " but the input had shape " +
                         in_shape_.str());

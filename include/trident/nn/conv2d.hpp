@@ -143,6 +143,10 @@ class conv2d {
   /// input is data, can skip it: backward then returns a zero-filled gradient.
   void set_input_gradient(bool on) noexcept { input_grad_ = on; }
   bool input_gradient() const noexcept { return input_grad_; }
+  /// Forward FLOPs of the last forward: 2 · N · C_out · OH · OW · C_in · kh · kw.
+  std::int64_t flops() const noexcept {
+    return 2 * static_cast<std::int64_t>(geom_.batch) * geom_.out_channels * geom_.out_plane() * geom_.patch();
+  }
 
   /// x (N, C_in, H, W) -> y (N, C_out, OH, OW).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
