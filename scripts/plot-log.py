@@ -4,8 +4,9 @@
     scripts/plot-log.py run.csv [more.csv ...] -o curves.png
 
 Each CSV has a header; the x axis is the first of 'step', 'epoch' or 'iter' present. Every
-column whose name contains 'loss' goes on the left panel, 'acc' columns on the right one, one
-line per file and column, labelled by file name.
+column named 'loss' or ending in '_loss' goes on the left panel, columns ending in 'acc' or
+'accuracy' on the right one (not 'loss_scale' and the like), one line per file and column,
+labelled by file name. Empty or 'nan' cells are skipped.
 """
 import argparse
 import csv
@@ -51,9 +52,9 @@ def main():
             if not pts:
                 continue
             xs, vs = zip(*pts)
-            if "loss" in name:
+            if name == "loss" or name.endswith("_loss"):
                 ax_loss.plot(xs, vs, label=f"{label}: {name}")
-            elif "acc" in name:
+            elif name.endswith("acc") or name.endswith("accuracy"):
                 ax_acc.plot(xs, vs, label=f"{label}: {name}")
                 any_acc = True
         ax_loss.set_xlabel(xname)
