@@ -212,6 +212,32 @@ TEST_CASE("gemm fp32: larger than one block in every dimension") {
   check<float, float>(p, public_gemm{});
 }
 
+TEST_CASE("gemm fp32: few rows and many columns (the shapes computed transposed), every epilogue") {
+  // A linear layer's shapes at batch 128/256: threaded GEMMs with 64 <= m <= 512, n >= 2m,
+  // k >= 512 are computed as C^T into a scratch and stored back transposed; every transpose,
+  // beta, bias and activation must survive that, with padded C rows.
+  const activation acts[] = {activation::none, activation::relu, activation::gelu};
+  int variant = 0;
+  for (index_t m : {64, 128, 256}) {
+    for (activation act : acts) {
+      problem p;
+      p.m = m;
+      p.n = 1024;
+      p.k = variant % 2 ? 784 : 1024;
+      p.ta = variant & 1;
+      p.tb = (variant >> 1) & 1;
+      p.beta = variant % 3 == 0 ? 1.0 : 0.0;
+      p.bias = variant % 2 == 0;
+      p.act = act;
+      p.pad_c = variant % 2 ? 0 : 5;
+      ++variant;
+      CAPTURE(m);
+      CAPTURE(variant);
+      check<float, float>(p, public_gemm{});
+    }
+  }
+}
+
 TEST_CASE("gemm fp32: k == 0 and alpha == 0 give act(beta*C + bias) without reading A or B") {
   for (double beta : {0.0, 2.0}) {
     for (index_t k : {0, 9}) {

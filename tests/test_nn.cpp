@@ -325,3 +325,32 @@ TEST_CASE("gradient check: a user-defined model holding modules, inside a sequen
   // FLOPs of the last forward: 2·rows·(in·out) per linear layer.
   CHECK(model.flops() == 2 * 4 * (6 * 10 + 10 * 5 + 6 * 5 + 5 * 3));
 }
+
+TEST_CASE("linear without input gradient: the same dW and db, an empty dx") {
+  using P = policy<fp32, cpu>;
+  auto grads_of = [](bool input_grad, bool& dx_empty) {
+    nn::parameter_store<P> store;
+    nn::linear<P> fc(store, "fc", 96, 40, true, activation::relu);
+    store.allocate();
+    generator g(8);
+    fc.init(g);
+    fc.set_input_grad(input_grad);
+    CHECK(fc.input_grad() == input_grad);
+    auto x = tensor<float>({33, 96});
+    auto dy = tensor<float>({33, 40});
+    uniform(x, g, -1.0, 1.0);
+    uniform(dy, g, -1.0, 1.0);
+    nn::arena<cpu> mem;
+    nn::context<P> ctx{mem, true, nullptr};
+    store.zero_grad();
+    fc.forward(ctx, x.view());
+    dx_empty = fc.backward(ctx, dy.view()).empty();
+    return to_vector(store.grads());
+  };
+  bool with_empty = true, without_empty = false;
+  const auto with = grads_of(true, with_empty);
+  const auto without = grads_of(false, without_empty);
+  CHECK_FALSE(with_empty);
+  CHECK(without_empty);
+  CHECK(with == without);
+}

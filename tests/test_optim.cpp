@@ -472,3 +472,28 @@ TEST_CASE("optim: lr, step count and restored state") {
   for (index_t i = 0; i < a.store.size(); ++i) REQUIRE(a.store.params().data()[i] == b.store.params().data()[i]);
   CHECK(ob.step_count() == 3);
 }
+
+TEST_CASE_TEMPLATE("optim: zeroing gradients inside the step equals step then zero_grad, bit for bit", P, OPTIM_POLICIES) {
+  auto run = [](auto make, bool fused_zero) {
+    fixture<P> f;
+    auto opt = make();
+    opt.set_zero_grad_in_step(fused_zero);
+    for (int step = 1; step <= 3; ++step) {
+      f.set_grads(step, 1.0);
+      opt.step(f.store, 0.5);
+      if (!fused_zero) f.store.zero_grad();
+      for (index_t i = 0; i < f.store.size(); ++i) REQUIRE(static_cast<float>(f.store.grads().data()[i]) == 0.0f);
+    }
+    std::vector<float> out;
+    for (index_t i = 0; i < f.store.size(); ++i) out.push_back(f.store.master().data()[i]);
+    return out;
+  };
+  auto sgd = [] { return optim::sgd({.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .nesterov = true}); };
+  auto adamw = [] { return optim::adamw({.lr = 1e-2}); };
+  auto adagrad = [] { return optim::adagrad({.lr = 0.1}); };
+  auto lamb = [] { return optim::lamb({.lr = 1e-2}); };
+  CHECK(run(sgd, true) == run(sgd, false));
+  CHECK(run(adamw, true) == run(adamw, false));
+  CHECK(run(adagrad, true) == run(adagrad, false));
+  CHECK(run(lamb, true) == run(lamb, false));
+}

@@ -74,7 +74,7 @@ class adagrad : public optimizer_base {
     bind(store);
   }
 
-  /// One optimizer step on `store`. Does not zero grads.
+  /// One optimizer step on `store`. Zeroes the grads only with zero_grad_in_step().
   template <policy_bundle P>
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
@@ -97,7 +97,8 @@ class adagrad : public optimizer_base {
                                      } else {
                                        detail::adagrad_kernel<false>(g, master + i, sum + i, n, scale, c);
                                      }
-                                   });
+                                   },
+                                   grads_to_clear(store.grads().data()));
   }
 
   options hyperparameters() const {

@@ -101,7 +101,7 @@ class basic_adam : public optimizer_base {
     bind(store);
   }
 
-  /// One optimizer step on `store`: grads × grad_scale → master, state, params. Does not zero grads.
+  /// One optimizer step on `store`: grads × grad_scale → master, state, params. Zeroes the grads only with zero_grad_in_step().
   template <policy_bundle P>
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
@@ -130,7 +130,8 @@ class basic_adam : public optimizer_base {
                                      } else {
                                        detail::adam_kernel<Decoupled, true>(g, master + i, m + i, v + i, n, scale, c);
                                      }
-                                   });
+                                   },
+                                   grads_to_clear(store.grads().data()));
   }
 
   /// The hyperparameters (lr as now set).

@@ -130,7 +130,7 @@ class lamb : public optimizer_base {
     bind(store);
   }
 
-  /// One optimizer step on `store` (two passes, see above). Does not zero grads.
+  /// One optimizer step on `store` (two passes, see above). Zeroes the grads only with zero_grad_in_step().
   template <policy_bundle P>
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
@@ -165,7 +165,8 @@ class lamb : public optimizer_base {
           } else {
             detail::lamb_moments<false>(g, master + i, m + i, v + i, n, scale, c, acc[0], acc[1]);
           }
-        });
+        },
+        grads_to_clear(store.grads().data()));
     ratios_.assign(tensors, 1.0);
     std::vector<float> steps(tensors);
     for (std::size_t tn = 0; tn < tensors; ++tn) {

@@ -16,9 +16,10 @@
 /// weights and the state, and writes the params buffer in the storage type (the master rounded
 /// to nearest even under bf16_mixed/fp16_mixed, so no params_from_master() pass is needed).
 ///
-/// Gradient accumulation: step() never zeroes the gradients. Accumulate over micro-batches,
-/// step once, then call store.zero_grad() at the accumulation boundary (and scale the loss or
-/// the grad_scale by 1/accumulation_steps if the accumulated gradient should be a mean).
+/// Gradient accumulation: step() does not zero the gradients (unless set_zero_grad_in_step()
+/// asks it to, for loops without accumulation). Accumulate over micro-batches, step once, then
+/// call store.zero_grad() at the accumulation boundary (and scale the loss or the grad_scale
+/// by 1/accumulation_steps if the accumulated gradient should be a mean).
 ///
 /// Parameter groups: by default two, from parameter_info::weight_decay: "decay" (the
 /// optimizer's weight_decay) and "no_decay" (weight decay 0: biases, norms). Custom groups
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <string>
@@ -110,10 +112,11 @@ inline constexpr index_t chunk_align_elements = 64;
 /// Runs body(segment, first, count, g) over [0, n) in blocks, threads splitting the range.
 /// `g` points at `count` gradients as float (widened from G when G is not float; nullptr when
 /// ReadGrads is false). After each block, with WriteParams and a separate master, the block of
-/// master is rounded into the params buffer.
+/// master is rounded into the params buffer; with `clear` (the gradients, writable), the
+/// block of gradients is zeroed while it is still in cache.
 template <bool ReadGrads, bool WriteParams, class G, class S, class Body>
 void fused_pass(const std::vector<segment>& segs, index_t n, const G* grads, const float* master, S* params,
-                Body&& body) {
+                Body&& body, G* clear = nullptr) {
   cpu_kernels::parallel_chunks(n, min_chunk_elements, chunk_align_elements, [&](index_t b, index_t e, int chunk) {
     alignas(64) float gbuf[block_elements];
     // first segment that ends after b
@@ -132,6 +135,7 @@ void fused_pass(const std::vector<segment>& segs, index_t n, const G* grads, con
           }
         }
         body(*it, i, m, g, chunk);
+        if (clear != nullptr) std::memset(static_cast<void*>(clear + i), 0, static_cast<std::size_t>(m) * sizeof(G));
         if constexpr (WriteParams && !std::is_same_v<S, float>) {
           simd::convert(master + i, params + i, static_cast<std::size_t>(m));
         }
@@ -167,6 +171,14 @@ class optimizer_base {
   const std::vector<group_spec>& group_specs() const noexcept { return specs_; }
   /// Whether state exists (the optimizer has been bound to a store).
   bool initialized() const noexcept { return bound_; }
+  /// Whether step() also zeroes the gradients (default false). The step clears each block of
+  /// gradients right after reading it, while it is in cache, which replaces the separate pass
+  /// of store.zero_grad() (as PyTorch's zero_grad(set_to_none=True) skips its own). Only for
+  /// loops that zero the gradients after every step: not with gradient accumulation across
+  /// steps, nor where a step may be skipped (a loss scaler's overflow) and zero_grad() must
+  /// still run.
+  bool zero_grad_in_step() const noexcept { return zero_grad_in_step_; }
+  void set_zero_grad_in_step(bool on) noexcept { zero_grad_in_step_ = on; }
   /// The state buffers by PyTorch's names, as flat fp32 views over the store's layout.
   std::vector<state_tensor> state_tensors() {
     std::vector<state_tensor> out;
@@ -285,6 +297,12 @@ class optimizer_base {
   }
   float* state_data(std::size_t i) noexcept { return state_[i].data(); }
 
+  /// The gradients for fused_pass to clear: `grads` when zero_grad_in_step(), else nullptr.
+  template <class G>
+  G* grads_to_clear(G* grads) const noexcept {
+    return zero_grad_in_step_ ? grads : nullptr;
+  }
+
   /// Weight decay of group g given the optimizer's own.
   double group_weight_decay(std::size_t g, double optimizer_wd) const { return groups_[g].weight_decay.value_or(optimizer_wd); }
 
@@ -302,6 +320,7 @@ class optimizer_base {
   std::vector<std::string> tensor_names_;
   index_t size_ = 0;
   bool bound_ = false;
+  bool zero_grad_in_step_ = false;
   std::vector<tensor<float>> state_;
   std::vector<std::string> state_names_;
 };

@@ -85,7 +85,7 @@ class sgd : public optimizer_base {
     if (opts_.momentum != 0.0 && state_.empty()) add_state("momentum_buffer");
   }
 
-  /// One optimizer step on `store`: grads × grad_scale → master (and momentum), params. Does not zero grads.
+  /// One optimizer step on `store`: grads × grad_scale → master (and momentum), params. Zeroes the grads only with zero_grad_in_step().
   template <policy_bundle P>
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
@@ -111,7 +111,8 @@ class sgd : public optimizer_base {
                                      } else {
                                        dispatch<false>(momentum, first, nesterov, g, master + i, b, n, scale, c);
                                      }
-                                   });
+                                   },
+                                   grads_to_clear(store.grads().data()));
     if (momentum) buffer_started_ = true;
   }
 

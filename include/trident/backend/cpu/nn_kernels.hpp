@@ -25,42 +25,54 @@ struct nn_kernels<cpu> {
 
   /// Fused, max-shifted softmax cross-entropy with label smoothing and an ignored label.
   /// Returns the summed loss of the rows; writes grad (if not empty) scaled by grad_scale.
+  /// One exp per logit: the softmax is e / sum(e) with e = exp(z - max) kept per row.
   template <class T, class G>
   static double softmax_xent(view<G> grad, view<const T> logits, const std::int32_t* labels, std::int32_t ignore_index,
                              double smoothing, double grad_scale) {
     using C = cpu_kernels::compute_of<T, G>;
     const index_t rows = logits.size(0), classes = logits.size(1);
     const bool want_grad = !grad.empty();
-    const int chunks = cpu_kernels::chunk_count(rows, std::max<index_t>(1, 4096 / std::max<index_t>(classes, 1)));
+    // Raw pointers and strides: a view's general index arithmetic would cost more than the exp.
+    const T* lg = logits.data();
+    const index_t ls0 = logits.stride(0), ls1 = logits.stride(1);
+    G* gd = want_grad ? grad.data() : nullptr;
+    const index_t gs0 = want_grad ? grad.stride(0) : 0, gs1 = want_grad ? grad.stride(1) : 0;
+    const index_t grain = std::max<index_t>(1, 4096 / std::max<index_t>(classes, 1));
+    const int chunks = cpu_kernels::chunk_count(rows, grain);
     std::vector<double> partial(static_cast<std::size_t>(chunks), 0.0);
     const C on = C(1.0 - smoothing), off = C(smoothing / static_cast<double>(classes));
-    cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 4096 / std::max<index_t>(classes, 1)), 1,
-                                 [&](index_t r0, index_t r1, int chunk) {
-      std::vector<C> z(static_cast<std::size_t>(classes));
+    cpu_kernels::parallel_chunks(rows, grain, 1, [&](index_t r0, index_t r1, int chunk) {
+      std::vector<C> zbuf(static_cast<std::size_t>(2 * classes));
+      C* z = zbuf.data();
+      C* e = z + classes;
       double loss = 0;
       for (index_t r = r0; r < r1; ++r) {
         const std::int32_t y = labels[r];
+        G* gr = want_grad ? gd + r * gs0 : nullptr;
         if (y == ignore_index) {
           if (want_grad)
-            for (index_t c = 0; c < classes; ++c) grad(r, c) = G(0.0f);
+            for (index_t c = 0; c < classes; ++c) gr[c * gs1] = G(0.0f);
           continue;
         }
+        const T* lr = lg + r * ls0;
         C mx = -std::numeric_limits<C>::infinity();
         for (index_t c = 0; c < classes; ++c) {
-          z[c] = cpu_kernels::load<T, C>(logits(r, c));
+          z[c] = cpu_kernels::load<T, C>(lr[c * ls1]);
           mx = std::max(mx, z[c]);
         }
         C sum = 0, sum_logp = 0;
-        for (index_t c = 0; c < classes; ++c) sum += std::exp(z[c] - mx);
+        for (index_t c = 0; c < classes; ++c) {
+          e[c] = std::exp(z[c] - mx);
+          sum += e[c];
+        }
         const C lse = mx + std::log(sum);
         for (index_t c = 0; c < classes; ++c) sum_logp += z[c] - lse;
         loss += -static_cast<double>(on) * static_cast<double>(z[y] - lse) - static_cast<double>(off) * static_cast<double>(sum_logp);
         if (want_grad) {
-          const C scale = C(grad_scale);
+          const C scale = C(grad_scale), inv = C(1) / sum;
           for (index_t c = 0; c < classes; ++c) {
-            const C p = std::exp(z[c] - lse);
             const C target = (c == y ? on : C(0)) + off;
-            grad(r, c) = static_cast<G>((p - target) * scale);
+            gr[c * gs1] = static_cast<G>((e[c] * inv - target) * scale);
           }
         }
       }

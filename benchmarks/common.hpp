@@ -1,0 +1,94 @@
+#pragma once
+/// @file benchmarks/common.hpp
+/// What the benchmarks that need only trident share: medians, timing loops, and STREAM's triad
+/// loop (as in bench_bandwidth.cpp and stream.c), so that a benchmark can measure the machine's
+/// bandwidth in the same run as its own workload and report against it.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <trident/core/tensor.hpp>
+
+namespace trident::bench {
+
+using clock_type = std::chrono::steady_clock;
+
+/// The median (0 for an empty vector).
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+inline double min_of(const std::vector<double>& v) { return v.empty() ? 0 : *std::min_element(v.begin(), v.end()); }
+inline double max_of(const std::vector<double>& v) { return v.empty() ? 0 : *std::max_element(v.begin(), v.end()); }
+
+/// Seconds one call of f takes.
+inline double seconds_of(const std::function<void()>& f) {
+  const auto t0 = clock_type::now();
+  f();
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+/// Median seconds per call of f over calls made for at least min_seconds (and at least
+/// min_calls calls), after one untimed call.
+inline double median_seconds_per_call(const std::function<void()>& f, double min_seconds, int min_calls = 3) {
+  f();
+  std::vector<double> t;
+  double total = 0;
+  while (total < min_seconds || static_cast<int>(t.size()) < min_calls) {
+    t.push_back(seconds_of(f));
+    total += t.back();
+  }
+  return median(t);
+}
+
+/// STREAM's triad a = b + s*c, as in stream.c: OpenMP parallel for over plain arrays.
+inline void stream_triad(float* a, const float* b, const float* c, float s, index_t n) {
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < n; ++j) a[j] = b[j] + s * c[j];
+}
+
+/// STREAM triad bandwidth (GB/s, 12 B per element as STREAM counts) over three arrays of n
+/// floats: the median of `reps` calls (bench_bandwidth's statistic; STREAM itself reports the
+/// best). The arrays are paged in at construction by the threads that will use them.
+class triad_meter {
+ public:
+  explicit triad_meter(index_t n) : n_(n), a_(tensor<float>::uninitialized({n})), b_(tensor<float>::uninitialized({n})),
+                                    c_(tensor<float>::uninitialized({n})) {
+    float* a = a_.data();
+    float* b = b_.data();
+    float* c = c_.data();
+#pragma omp parallel for schedule(static)
+    for (index_t j = 0; j < n; ++j) {
+      a[j] = 1.0f;
+      b[j] = 2.0f;
+      c[j] = 0.5f;
+    }
+  }
+  double gbps(int reps = 5) {
+    std::vector<double> t;
+    for (int r = 0; r < reps; ++r) t.push_back(seconds_of([&] { stream_triad(a_.data(), b_.data(), c_.data(), 3.0f, n_); }));
+    return 12.0 * static_cast<double>(n_) / median(t) * 1e-9;
+  }
+
+ private:
+  index_t n_;
+  tensor<float> a_, b_, c_;
+};
+
+/// "median [min, max]" of v, formatted with `fmt` (e.g. "%.2f").
+inline std::string spread(const std::vector<double>& v, const char* fmt = "%.2f") {
+  char a[32], b[32], c[32];
+  std::snprintf(a, sizeof a, fmt, median(v));
+  std::snprintf(b, sizeof b, fmt, min_of(v));
+  std::snprintf(c, sizeof c, fmt, max_of(v));
+  return std::string(a) + " [" + b + ", " + c + "]";
+}
+
+}  // namespace trident::bench
