@@ -17,6 +17,7 @@
 // leave the gradients zero, so a fast wrong kernel cannot pass.
 //
 //   bench_mlp [--batch 256] [--rounds 5] [--min-seconds 1] [--json]
+//   bench_mlp --memory [--batch 256]   the fp32 run's peak resident memory against its parts
 //
 // Environment (docs/BENCHMARKS.md): OMP_NUM_THREADS=2 OMP_PROC_BIND=true.
 #include <trident/backend/cpu/kernels.hpp>
@@ -25,6 +26,7 @@
 #include <trident/nn/loss.hpp>
 #include <trident/ops/fill.hpp>
 #include <trident/optim/sgd.hpp>
+#include <trident/train/memory.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -149,11 +151,38 @@ double gradient_error(trainer<P>& t) {
 
 }  // namespace
 
+/// The memory bar: peak resident memory of an fp32 training run (this process does nothing
+/// else) against parameters + gradients + optimizer state + one batch of activations.
+int memory_report(index_t batch) {
+  const std::size_t before = train::resident_bytes();
+  trainer<policy<fp32, cpu>> t(batch);
+  for (int s = 0; s < 50; ++s) t.step();
+  const std::size_t peak = train::peak_resident_bytes();
+  std::size_t state = 0;
+  for (const auto& st : t.opt.state_tensors()) state += static_cast<std::size_t>(st.values.numel()) * sizeof(float);
+  const std::size_t params = t.store.bytes(), act = t.memory.capacity_bytes(),
+                    data = t.x.bytes() + t.labels.size() * sizeof(std::int32_t);
+  const std::size_t parts = params + state + act + data;
+  const auto mib = [](std::size_t b) { return static_cast<double>(b) / (1024.0 * 1024.0); };
+  std::printf("| part | MiB |\n|---|---|\n");
+  std::printf("| parameters + gradients (fp32: no separate master) | %.2f |\n", mib(params));
+  std::printf("| optimizer state (momentum) | %.2f |\n", mib(state));
+  std::printf("| activations (arena, one batch of %lld) | %.2f |\n", static_cast<long long>(batch), mib(act));
+  std::printf("| the batch (inputs, labels) | %.2f |\n", mib(data));
+  std::printf("| sum | %.2f |\n", mib(parts));
+  std::printf("| process before the model (code, libraries, OpenMP) | %.2f |\n", mib(before));
+  std::printf("| peak resident (VmHWM) | %.2f |\n", mib(peak));
+  std::printf("peak / sum: %.2f (bar <= 1.5); (peak - process before) / sum: %.2f\n",
+              static_cast<double>(peak) / static_cast<double>(parts),
+              static_cast<double>(peak - before) / static_cast<double>(parts));
+  return 0;
+}
+
 int main(int argc, char** argv) {
   index_t batch = 256;
   int rounds = 5;
   double min_seconds = 1.0;
-  bool json = false;
+  bool json = false, memory = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) {
       batch = std::atoll(argv[++i]);
@@ -163,8 +192,10 @@ int main(int argc, char** argv) {
       min_seconds = std::atof(argv[++i]);
     } else if (!std::strcmp(argv[i], "--json")) {
       json = true;
+    } else if (!std::strcmp(argv[i], "--memory")) {
+      memory = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--batch N] [--rounds R] [--min-seconds S] [--json]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--batch N] [--rounds R] [--min-seconds S] [--json] [--memory]\n", argv[0]);
       return 2;
     }
   }
@@ -172,6 +203,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_mlp: batch and rounds must be positive\n");
     return 2;
   }
+
+  if (memory) return memory_report(batch);
 
   trainer<policy<fp32, cpu>> f32(batch);
   trainer<policy<bf16_mixed, cpu>> b16(batch);
