@@ -10,16 +10,9 @@
 #   benchmarks/run-mlp.sh      (env: ROUNDS=5 BATCH=256 BUILD_DIR=build-bench)
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="${BUILD_DIR:-$root/build-bench}"
-rounds="${ROUNDS:-5}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 batch="${BATCH:-256}"
-threads=2
-torch_python=/usr/bin/python3  # Debian's python3-torch lives there, not in a pyenv python
-
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTRIDENT_BUILD_BENCHMARKS=ON \
-  -DTRIDENT_BUILD_TESTS=OFF -DTRIDENT_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build "$build" --target bench_mlp >/dev/null
+bench_build bench_mlp
 
 log="$(mktemp -d)"
 trap 'rm -rf "$log"' EXIT

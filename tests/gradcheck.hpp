@@ -19,6 +19,14 @@ namespace trident_test {
 using f64 = trident::policy<trident::fp64, trident::cpu>;
 using trident::index_t;
 
+/// A tensor of uniform random values in [lo, hi), reproducible from `seed`.
+inline trident::tensor<double> random_input(const trident::shape& s, std::uint64_t seed, double lo = -1.5, double hi = 1.5) {
+  auto x = trident::tensor<double>(s);
+  trident::generator g(seed);
+  trident::uniform(x, g, lo, hi);
+  return x;
+}
+
 struct gradcheck_result {
   double max_rel_error = 0;
   std::string worst;

@@ -23,15 +23,9 @@
 using namespace trident;
 using trident_test::f64;
 using trident_test::gradcheck;
+using trident_test::random_input;
 
 namespace {
-
-tensor<double> random_input(const shape& s, std::uint64_t seed, double lo = -1.5, double hi = 1.5) {
-  auto x = tensor<double>(s);
-  generator g(seed);
-  uniform(x, g, lo, hi);
-  return x;
-}
 
 /// One convolution configuration.
 struct conv_case {

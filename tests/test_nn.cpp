@@ -13,15 +13,9 @@
 using namespace trident;
 using trident_test::f64;
 using trident_test::gradcheck;
+using trident_test::random_input;
 
 namespace {
-
-tensor<double> random_input(const shape& s, std::uint64_t seed, double lo = -1.5, double hi = 1.5) {
-  auto x = tensor<double>(s);
-  generator g(seed);
-  uniform(x, g, lo, hi);
-  return x;
-}
 
 template <class M>
 void check_module(nn::parameter_store<f64>& store, M& m, tensor<double>& x, const char* what, double tol = 1e-6) {

@@ -46,6 +46,22 @@ inline conv_geometry pool_geometry(const char* what, const shape& s, extent2 ker
   return g;
 }
 
+
+/// The output gradient of a pooling layer, checked against the output shape of the last
+/// forward and made contiguous (in this step's memory) when it is not.
+template <class Policy, class S, class D>
+tensor_view<const S, D> output_gradient(context<Policy>& ctx, const char* what, tensor_view<const S, D> dy,
+                                        const conv_geometry& g) {
+  const shape out{g.batch, g.channels, g.out_height, g.out_width};
+  if (!(dy.shape() == out)) {
+    throw shape_error(std::string(what) + ": gradient has shape " + dy.shape().str() + " but the output had shape " + out.str());
+  }
+  if (dy.is_contiguous()) return dy;
+  auto c = ctx.template allocate<S>(dy.shape());
+  copy(dy, c);
+  return c;
+}
+
 }  // namespace pool_detail
 
 /// Max pooling: each output is the largest input in its window; backward sends the
@@ -85,17 +101,8 @@ class max_pool2d {
   }
 
   /// dy (N, C, OH, OW) -> dx (N, C, H, W).
-  tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy) {
-    const shape out{geom_.batch, geom_.channels, geom_.out_height, geom_.out_width};
-    if (!(dy.shape() == out)) {
-      throw shape_error("nn::max_pool2d::backward: gradient has shape " + dy.shape().str() + " but the output had shape " +
-                        out.str());
-    }
-    if (!dy.is_contiguous()) {
-      auto c = ctx.template allocate<S>(dy.shape());
-      copy(dy, c);
-      dy = c;
-    }
+  tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy_in) {
+    const auto dy = pool_detail::output_gradient(ctx, "nn::max_pool2d::backward", dy_in, geom_);
     auto dx = ctx.template allocate<S>({geom_.batch, geom_.channels, geom_.height, geom_.width});
     conv_kernels<D>::max_pool2d_backward(ctx.memory, dx, dy, argmax_, geom_);
     return dx;
@@ -142,17 +149,8 @@ class avg_pool2d {
   }
 
   /// dy (N, C, OH, OW) -> dx (N, C, H, W).
-  tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy) {
-    const shape out{geom_.batch, geom_.channels, geom_.out_height, geom_.out_width};
-    if (!(dy.shape() == out)) {
-      throw shape_error("nn::avg_pool2d::backward: gradient has shape " + dy.shape().str() + " but the output had shape " +
-                        out.str());
-    }
-    if (!dy.is_contiguous()) {
-      auto c = ctx.template allocate<S>(dy.shape());
-      copy(dy, c);
-      dy = c;
-    }
+  tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy_in) {
+    const auto dy = pool_detail::output_gradient(ctx, "nn::avg_pool2d::backward", dy_in, geom_);
     auto dx = ctx.template allocate<S>({geom_.batch, geom_.channels, geom_.height, geom_.width});
     conv_kernels<D>::avg_pool2d_backward(ctx.memory, dx, dy, geom_, include_pad_);
     return dx;
