@@ -318,6 +318,7 @@ TEST_CASE("gradient check: a user-defined model holding modules, inside a sequen
   for (const auto& p : infos) CHECK(p.offset % 8 == 0);  // 8 doubles = 64 bytes
   // FLOPs of the last forward: 2·rows·(in·out) per linear layer.
   CHECK(model.flops() == 2 * 4 * (6 * 10 + 10 * 5 + 6 * 5 + 5 * 3));
+  CHECK(model.backward_flops() == 2 * model.flops());  // the block counts none itself: twice its forward
 }
 
 TEST_CASE("linear without input gradient: the same dW and db, an empty dx") {
@@ -339,6 +340,9 @@ TEST_CASE("linear without input gradient: the same dW and db, an empty dx") {
     store.zero_grad();
     fc.forward(ctx, x.view());
     dx_empty = fc.backward(ctx, dy.view()).empty();
+    // FLOPs: forward 2·33·96·40; backward the weight gradient, plus dx when wanted.
+    CHECK(fc.flops() == 2 * 33 * 96 * 40);
+    CHECK(fc.backward_flops() == (input_grad ? 2 : 1) * fc.flops());
     return to_vector(store.grads());
   };
   bool with_empty = true, without_empty = false;

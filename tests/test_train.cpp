@@ -11,6 +11,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <trident/io/batches.hpp>
@@ -290,6 +291,16 @@ TEST_CASE("trainer: fit learns a separable problem in every precision and writes
     CHECK(s.last_train.loss < 0.2);
     // FLOPs: two linear layers, 2·(8·32 + 32·4) per sample forward, 3x for training.
     CHECK(s.train_flops == doctest::Approx(3.0 * 2.0 * (8 * 32 + 32 * 4) * 512 * 4));
+    // Without the first layer's input gradient, its backward costs one forward, not two.
+    if constexpr (std::is_same_v<P, fp32p>) {
+      mlp<P> m2(4);
+      m2.net.template get<0>().set_input_grad(false);
+      optim::sgd opt2({.lr = 0.1});
+      train::trainer<P, decltype(m2.net), optim::sgd> t2(m2.net, m2.store, opt2, {.progress = false, .out = nullptr});
+      io::batch_loader<S> l2(train_set.x.view(), train_set.y, {.batch_size = 32, .seed = 1});
+      const auto s2 = t2.fit(l2);
+      CHECK(s2.train_flops == doctest::Approx((3.0 * 2.0 * (8 * 32 + 32 * 4) - 2.0 * 8 * 32) * 512));
+    }
     CHECK(s.memory.parameters == m.store.bytes());
     CHECK(s.memory.optimizer_state == static_cast<std::size_t>(m.store.size()) * sizeof(float));  // momentum
     // The log: a header, a row every 8 steps, and one per epoch with the eval metrics.

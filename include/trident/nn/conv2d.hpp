@@ -147,6 +147,8 @@ class conv2d {
   std::int64_t flops() const noexcept {
     return 2 * static_cast<std::int64_t>(geom_.batch) * geom_.out_channels * geom_.out_plane() * geom_.patch();
   }
+  /// Backward FLOPs: the weight gradient, and the input gradient when input_gradient().
+  std::int64_t backward_flops() const noexcept { return (input_grad_ ? 2 : 1) * flops(); }
 
   /// x (N, C_in, H, W) -> y (N, C_out, OH, OW).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {

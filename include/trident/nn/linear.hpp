@@ -63,6 +63,8 @@ class linear {
 
   /// Forward FLOPs of the last forward: 2 · rows · in · out.
   std::int64_t flops() const noexcept { return 2 * static_cast<std::int64_t>(x_.rank() ? x_.size(0) : 0) * in_ * out_; }
+  /// Backward FLOPs: the weight gradient, and the input gradient when input_grad().
+  std::int64_t backward_flops() const noexcept { return (input_grad_ ? 2 : 1) * flops(); }
 
   /// x (..., in) -> y (..., out).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {

@@ -64,6 +64,17 @@ std::int64_t flops_of(const M& m) noexcept {
   }
 }
 
+/// FLOPs of a module's backward after its last forward: its backward_flops() when it counts
+/// them, else twice its forward (a GEMM layer's input and weight gradients).
+template <class M>
+std::int64_t backward_flops_of(const M& m) noexcept {
+  if constexpr (requires { m.backward_flops(); }) {
+    return static_cast<std::int64_t>(m.backward_flops());
+  } else {
+    return 2 * flops_of(m);
+  }
+}
+
 /// Modules applied one after another; backward runs them in reverse.
 /// @tparam Policy the policy bundle
 /// @tparam Modules the modules, in order
@@ -90,6 +101,11 @@ class sequential {
   /// Forward FLOPs of the last forward: the sum over the modules that count theirs.
   std::int64_t flops() const noexcept {
     return std::apply([](const auto&... m) { return (std::int64_t{0} + ... + flops_of(m)); }, modules_);
+  }
+
+  /// Backward FLOPs after the last forward: the sum over the modules.
+  std::int64_t backward_flops() const noexcept {
+    return std::apply([](const auto&... m) { return (std::int64_t{0} + ... + backward_flops_of(m)); }, modules_);
   }
 
   /// The i-th module.

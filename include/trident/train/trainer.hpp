@@ -10,8 +10,9 @@
 ///
 /// The model is any module (forward/backward on (N, ...) inputs giving (N, classes) logits);
 /// when it has flops() (forward FLOPs of its last forward, as nn::sequential and the layers
-/// report them), the trainer counts 3x that per training sample (forward, and a backward
-/// that costs twice the forward in the GEMM layers) and 1x per evaluated sample.
+/// report them), the trainer counts forward plus backward FLOPs per training step (the
+/// model's backward_flops(), else twice the forward: input and weight gradients) and the
+/// forward per evaluated batch.
 ///
 /// A loader is anything with epoch(e) (a range of batches with .inputs and .labels),
 /// batches_per_epoch() and samples_per_epoch(), as io::batch_loader is.
@@ -155,7 +156,7 @@ class trainer {
       }
       loss_sum += l * static_cast<double>(c);
       r.correct += count_correct(logits, labels.subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(e - b)));
-      flops_ += 3.0 * model_flops();
+      flops_ += model_flops() + model_backward_flops();
       if (counted > 0) {
         auto dlogits = loss_.backward(ctx, scale * static_cast<double>(c) / static_cast<double>(counted));
         model_.backward(ctx, dlogits);
@@ -315,6 +316,14 @@ class trainer {
   double model_flops() const {
     if constexpr (requires { model_.flops(); }) {
       return static_cast<double>(model_.flops());
+    } else {
+      return 0.0;
+    }
+  }
+
+  double model_backward_flops() const {
+    if constexpr (requires { model_.flops(); }) {
+      return static_cast<double>(nn::backward_flops_of(model_));
     } else {
       return 0.0;
     }
