@@ -7,39 +7,25 @@
 //   bench_bandwidth [elements = 64Mi] [rounds = 10]
 #include <trident/trident.hpp>
 
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "common.hpp"
+
 namespace {
 
-using clock_type = std::chrono::steady_clock;
 using namespace trident;
+using bench::median;
+using bench::seconds_of;
+using bench::stream_triad;
 
-double seconds_of(const std::function<void()>& f) {
-  const auto t0 = clock_type::now();
-  f();
-  return std::chrono::duration<double>(clock_type::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// STREAM's kernels, as in stream.c: OpenMP parallel for over plain arrays.
+// STREAM's other kernels, as in stream.c (the triad is in common.hpp).
 void stream_copy(const float* a, float* c, index_t n) {
 #pragma omp parallel for schedule(static)
   for (index_t j = 0; j < n; ++j) c[j] = a[j];
-}
-void stream_triad(float* a, const float* b, const float* c, float s, index_t n) {
-#pragma omp parallel for schedule(static)
-  for (index_t j = 0; j < n; ++j) a[j] = b[j] + s * c[j];
 }
 double stream_sum(const float* a, index_t n) {
   double s = 0;
@@ -101,17 +87,17 @@ int main(int argc, char** argv) {
   const double elems = static_cast<double>(n);
   // The STREAM triad of this run is the bar every kernel is held to (docs/BENCHMARKS.md, P1).
   const auto& triad = rows[1];
-  const double stream_triad = 12.0 * elems / median(triad.t_peer) * 1e-9;
+  const double triad_gbps = 12.0 * elems / median(triad.t_peer) * 1e-9;
   std::printf("# P1 bandwidth, %lld elements per array, %d rounds, threads %d, median GB/s (STREAM counting)\n",
               static_cast<long long>(n), rounds, cpu_kernels::available_threads());
-  std::printf("# STREAM triad in this run: %.2f GB/s\n", stream_triad);
+  std::printf("# STREAM triad in this run: %.2f GB/s\n", triad_gbps);
   std::printf("| kernel | trident GB/s | STREAM-loop peer GB/s | trident / peer | trident / STREAM triad |\n|---|---|---|---|---|\n");
   for (auto& r : rows) {
     // the peer of 'add' and of the bf16 triad is the fp32 STREAM triad (12 B/elem)
     const double peer_bytes = (r.name.rfind("triad bf16", 0) == 0 || r.name.rfind("add", 0) == 0) ? 12 : r.bytes_per_element;
     const double ours = r.bytes_per_element * elems / median(r.t_ours) * 1e-9;
     const double peer = peer_bytes * elems / median(r.t_peer) * 1e-9;
-    std::printf("| %s | %.2f | %.2f | %.3f | %.3f |\n", r.name.c_str(), ours, peer, ours / peer, ours / stream_triad);
+    std::printf("| %s | %.2f | %.2f | %.3f | %.3f |\n", r.name.c_str(), ours, peer, ours / peer, ours / triad_gbps);
   }
   return sink == 12345.678 ? 1 : 0;  // keeps the reductions alive
 }

@@ -16,20 +16,8 @@ elements="${ELEMENTS:-67108864}"
 tensors="${TENSORS:-1}"
 bench_build bench_adamw
 
-log="$(mktemp -d)"
-trap 'rm -rf "$log"' EXIT
 echo "# run-adamw: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $rounds rounds, $elements parameters in $tensors tensor(s), load $(cut -d' ' -f1-3 /proc/loadavg)"
-for r in $(seq 1 "$rounds"); do
-  echo "# round $r/$rounds: bench_adamw"
-  env OMP_NUM_THREADS=$threads OMP_PROC_BIND=true \
-    "$build/benchmarks/bench_adamw" --elements "$elements" --tensors "$tensors" --rounds 3 --json \
-    | tee "$log/ours.$r.txt" | grep -v '^{' || true
-  grep '^{' "$log/ours.$r.txt" >> "$log/ours.jsonl"
-  echo "# round $r/$rounds: torch_adamw.py"
-  env OMP_NUM_THREADS=$threads OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \
-    "$torch_python" "$root/benchmarks/peers/torch_adamw.py" --elements "$elements" --rounds 3 --threads $threads \
-    | tee -a "$log/torch.jsonl"
-done
+bench_rounds bench_adamw torch_adamw.py --elements "$elements" --tensors "$tensors"
 
 "$torch_python" - "$log/ours.jsonl" "$log/torch.jsonl" <<'EOF'
 import json, statistics, sys

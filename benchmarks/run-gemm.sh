@@ -12,19 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 sizes="${SIZES:-256,512,1024,2048}"
 bench_build bench_gemm
 
-log="$(mktemp -d)"
-trap 'rm -rf "$log"' EXIT
 echo "# run-gemm: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $rounds rounds, sizes $sizes"
-for r in $(seq 1 "$rounds"); do
-  echo "# round $r/$rounds: bench_gemm"
-  env OMP_NUM_THREADS=$threads OMP_PROC_BIND=true OPENBLAS_CORETYPE=SkylakeX \
-    "$build/benchmarks/bench_gemm" --sizes "$sizes" --rounds 3 --json | tee "$log/ours.$r.txt" | grep -v '^{' || true
-  grep '^{' "$log/ours.$r.txt" >> "$log/ours.jsonl"
-  echo "# round $r/$rounds: torch_gemm.py"
-  env OMP_NUM_THREADS=$threads OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \
-    "$torch_python" "$root/benchmarks/peers/torch_gemm.py" --sizes "$sizes" --rounds 3 --threads $threads \
-    | tee -a "$log/torch.jsonl"
-done
+bench_rounds bench_gemm torch_gemm.py --sizes "$sizes"
 
 "$torch_python" - "$log/ours.jsonl" "$log/torch.jsonl" <<'EOF'
 import json, statistics, sys

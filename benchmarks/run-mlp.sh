@@ -14,19 +14,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 batch="${BATCH:-256}"
 bench_build bench_mlp
 
-log="$(mktemp -d)"
-trap 'rm -rf "$log"' EXIT
 echo "# run-mlp: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $rounds rounds, batch $batch, load $(cut -d' ' -f1-3 /proc/loadavg)"
-for r in $(seq 1 "$rounds"); do
-  echo "# round $r/$rounds: bench_mlp"
-  env OMP_NUM_THREADS=$threads OMP_PROC_BIND=true \
-    "$build/benchmarks/bench_mlp" --batch "$batch" --rounds 3 --json | tee "$log/ours.$r.txt" | grep -v '^{' || true
-  grep '^{' "$log/ours.$r.txt" >> "$log/ours.jsonl"
-  echo "# round $r/$rounds: torch_mlp.py"
-  env OMP_NUM_THREADS=$threads OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE \
-    "$torch_python" "$root/benchmarks/peers/torch_mlp.py" --batch "$batch" --rounds 3 --threads $threads \
-    | tee -a "$log/torch.jsonl"
-done
+bench_rounds bench_mlp torch_mlp.py --batch "$batch"
 
 "$torch_python" - "$log/ours.jsonl" "$log/torch.jsonl" <<'EOF'
 import json, statistics, sys

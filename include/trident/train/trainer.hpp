@@ -329,14 +329,16 @@ class trainer {
     }
   }
 
-  /// Rows whose first maximal logit is the label (ignored rows never count).
-  index_t count_correct(tensor_view<const S, D> logits, std::span<const std::int32_t> labels) const {
+  /// Rows whose first maximal logit is the label (ignored rows never count). The logits are
+  /// converted to float once, into a buffer that grows to the largest batch and is reused.
+  index_t count_correct(tensor_view<const S, D> logits, std::span<const std::int32_t> labels) {
     const index_t rows = logits.size(0), classes = logits.size(1);
-    std::vector<float> row(static_cast<std::size_t>(classes));
+    logits_f32_.resize(static_cast<std::size_t>(rows * classes));
+    copy(logits, tensor_view<float, D>(logits_f32_.data(), {rows, classes}));
     index_t correct = 0;
     for (index_t i = 0; i < rows; ++i) {
-      copy(logits.select(0, i), tensor_view<float, D>(row.data(), {classes}));
-      const auto best = std::max_element(row.begin(), row.end()) - row.begin();
+      const float* row = logits_f32_.data() + i * classes;
+      const auto best = std::max_element(row, row + classes) - row;
       correct += labels[static_cast<std::size_t>(i)] == static_cast<std::int32_t>(best);
     }
     return correct;
@@ -366,6 +368,7 @@ class trainer {
   csv_log csv_{o_.csv_path,
                {"step", "epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "samples_per_s", "loss_scale",
                 "skipped_steps"}};
+  std::vector<float> logits_f32_;  // count_correct's float copy of the logits
   std::int64_t steps_ = 0;
   double flops_ = 0;
 };
