@@ -86,11 +86,7 @@ class batch_norm {
       throw shape_error("nn::batch_norm '" + name_ + "': input has shape " + x.shape().str() + " but the layer takes (N, " +
                         std::to_string(c_) + ") or (N, " + std::to_string(c_) + ", H, W)");
     }
-    if (!x.is_contiguous()) {
-      auto c = ctx.template allocate<S>(x.shape());
-      copy(x, c);
-      x = c;
-    }
+    x = ctx.contiguous(x);
     x_ = x;
     mean_ = ctx.template allocate<stat_type>({c_});
     invstd_ = ctx.template allocate<stat_type>({c_});
@@ -119,11 +115,7 @@ class batch_norm {
       throw shape_error("nn::batch_norm::backward '" + name_ + "': gradient has shape " + dy.shape().str() +
                         " but the input had shape " + x_.shape().str());
     }
-    if (!dy.is_contiguous()) {
-      auto c = ctx.template allocate<S>(dy.shape());
-      copy(dy, c);
-      dy = c;
-    }
+    dy = ctx.contiguous(dy);
     auto dx = ctx.template allocate<S>(dy.shape());
     conv_kernels<D>::batch_norm_backward(ctx.memory, dx, store_->grad(gamma_), store_->grad(beta_), dy, x_,
                                          tensor_view<const stat_type, D>(mean_), tensor_view<const stat_type, D>(invstd_),

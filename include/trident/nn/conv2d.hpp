@@ -153,7 +153,7 @@ class conv2d {
   /// x (N, C_in, H, W) -> y (N, C_out, OH, OW).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
     geom_ = geometry_of(x.shape());
-    x_ = contiguous_in(ctx, x);
+    x_ = ctx.contiguous(x);
     auto y = ctx.template allocate<S>({geom_.batch, out_, geom_.out_height, geom_.out_width});
     conv_kernels<D>::conv2d_forward(ctx.memory, y, x_, tensor_view<const S, D>(store_->param(weight_)), bias_param(), geom_,
                                     act_);
@@ -168,7 +168,7 @@ class conv2d {
       throw shape_error("nn::conv2d::backward '" + name_ + "': gradient has shape " + dy.shape().str() +
                         " but the output had shape " + out_shape.str());
     }
-    dy = contiguous_in(ctx, dy);
+    dy = ctx.contiguous(dy);
     auto dx = ctx.template allocate<S>(x_.shape());
     tensor_view<G, D> db{};
     if (bias_.valid()) db = store_->grad(bias_);
@@ -211,13 +211,6 @@ class conv2d {
   tensor_view<const S, D> bias_param() {
     return bias_.valid() ? tensor_view<const S, D>(store_->param(bias_)) : tensor_view<const S, D>{};
   }
-  static tensor_view<const S, D> contiguous_in(context<Policy>& ctx, tensor_view<const S, D> x) {
-    if (x.is_contiguous()) return x;
-    auto c = ctx.template allocate<S>(x.shape());
-    copy(x, c);
-    return c;
-  }
-
   parameter_store<Policy>* store_;
   std::string name_;
   index_t in_, out_;

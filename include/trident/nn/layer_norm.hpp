@@ -46,11 +46,7 @@ class layer_norm {
       throw shape_error("nn::layer_norm::forward: input has shape " + x.shape().str() + " but the layer normalises (..., " +
                         std::to_string(n_) + ")");
     }
-    if (!x.is_contiguous()) {
-      auto c = ctx.template allocate<S>(x.shape());
-      copy(x, c);
-      x = c;
-    }
+    x = ctx.contiguous(x);
     x_ = x;
     const index_t rows = x.numel() / n_;
     mean_ = ctx.template allocate<stat_type>({rows});
@@ -65,11 +61,7 @@ class layer_norm {
       throw shape_error("nn::layer_norm::backward: gradient has shape " + dy.shape().str() + " but the input had shape " +
                         x_.shape().str());
     }
-    if (!dy.is_contiguous()) {
-      auto c = ctx.template allocate<S>(dy.shape());
-      copy(dy, c);
-      dy = c;
-    }
+    dy = ctx.contiguous(dy);
     auto dx = ctx.template allocate<S>(dy.shape());
     using G = typename Policy::gradient_type;
     tensor_view<G, D> dg{}, db{};

@@ -73,7 +73,7 @@ class linear {
                         std::to_string(in_) + ")");
     }
     const index_t rows = x.numel() / in_;
-    x_ = contiguous_in(ctx, x).reshape({rows, in_});
+    x_ = ctx.contiguous(x).reshape({rows, in_});
     out_shape_ = x.shape();
     out_shape_[out_shape_.rank() - 1] = out_;
 
@@ -102,7 +102,7 @@ class linear {
                         out_shape_.str());
     }
     const index_t rows = x_.size(0);
-    tensor_view<const S, D> dy = contiguous_in(ctx, dy_in).reshape({rows, out_});
+    tensor_view<const S, D> dy = ctx.contiguous(dy_in).reshape({rows, out_});
     // dz: the gradient before the activation.
     tensor_view<const S, D> dz = dy;
     if (act_ != activation::none) {
@@ -139,14 +139,6 @@ class linear {
     auto m = store_->master(h);
     uniform(m, gen, -bound, bound);
     copy(m, store_->param(h));
-  }
-
-  /// x itself when contiguous, else a contiguous copy in this step's memory.
-  static tensor_view<const S, D> contiguous_in(context<Policy>& ctx, tensor_view<const S, D> x) {
-    if (x.is_contiguous()) return x;
-    auto c = ctx.template allocate<S>(x.shape());
-    copy(x, c);
-    return c;
   }
 
   /// The bias as the GEMM epilogue wants it (float), or an empty view.

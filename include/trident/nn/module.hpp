@@ -17,6 +17,7 @@
 #include "../core/policy.hpp"
 #include "../core/rng.hpp"
 #include "../core/tensor.hpp"
+#include "../ops/transfer.hpp"
 #include "arena.hpp"
 #include "parameters.hpp"
 
@@ -35,6 +36,15 @@ struct context {
   template <class T>
   tensor_view<T, device> allocate(const shape& s) {
     return memory.template allocate<T>(s);
+  }
+
+  /// x itself when contiguous, else a contiguous copy in this step's memory.
+  template <class T>
+  tensor_view<const T, device> contiguous(tensor_view<const T, device> x) {
+    if (x.is_contiguous()) return x;
+    auto c = allocate<T>(x.shape());
+    copy(x, c);
+    return c;
   }
 };
 

@@ -56,10 +56,7 @@ tensor_view<const S, D> output_gradient(context<Policy>& ctx, const char* what, 
   if (!(dy.shape() == out)) {
     throw shape_error(std::string(what) + ": gradient has shape " + dy.shape().str() + " but the output had shape " + out.str());
   }
-  if (dy.is_contiguous()) return dy;
-  auto c = ctx.template allocate<S>(dy.shape());
-  copy(dy, c);
-  return c;
+  return ctx.contiguous(dy);
 }
 
 }  // namespace pool_detail
@@ -87,11 +84,7 @@ class max_pool2d {
   /// x (N, C, H, W) -> y (N, C, OH, OW).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
     geom_ = pool_detail::pool_geometry("nn::max_pool2d", x.shape(), kernel_, stride_, padding_);
-    if (!x.is_contiguous()) {
-      auto c = ctx.template allocate<S>(x.shape());
-      copy(x, c);
-      x = c;
-    }
+    x = ctx.contiguous(x);
     const shape out{geom_.batch, geom_.channels, geom_.out_height, geom_.out_width};
     auto y = ctx.template allocate<S>(out);
     auto* argmax = static_cast<std::int32_t*>(ctx.memory.allocate_bytes(static_cast<std::size_t>(out.numel()) * sizeof(std::int32_t)));
@@ -138,11 +131,7 @@ class avg_pool2d {
   /// x (N, C, H, W) -> y (N, C, OH, OW).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
     geom_ = pool_detail::pool_geometry("nn::avg_pool2d", x.shape(), kernel_, stride_, padding_);
-    if (!x.is_contiguous()) {
-      auto c = ctx.template allocate<S>(x.shape());
-      copy(x, c);
-      x = c;
-    }
+    x = ctx.contiguous(x);
     auto y = ctx.template allocate<S>({geom_.batch, geom_.channels, geom_.out_height, geom_.out_width});
     conv_kernels<D>::avg_pool2d_forward(y, x, geom_, include_pad_);
     return y;
