@@ -3,7 +3,7 @@
 # (scripts/install-deps.sh) or the directory in TRIDENT_FASHION_MNIST_DIR; the tests that need
 # them say so and skip when they are absent.
 if(TARGET trident::io)
-  trident_add_test(trident_io_tests SOURCES test_io.cpp LABELS io TIMEOUT 120)
+  trident_add_test(trident_io_tests SOURCES test_io.cpp test_char_text.cpp LABELS io TIMEOUT 120)
   target_link_libraries(trident_io_tests PRIVATE trident::io)
 else()
   message(WARNING "tests: zlib not found, trident_io_tests is not built (run scripts/install-deps.sh)")
