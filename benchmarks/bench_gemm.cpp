@@ -111,44 +111,6 @@ std::vector<index_t> parse_sizes(const char* s) {
   return out;
 }
 
-/// GFLOP/s of independent register-only FMA chains on every thread: the FMA ceiling of the
-/// machine right now, measured in the same run as the GEMMs.
-double fma_ceiling_gflops(double seconds) {
-  double total = 0;
-#if defined(_OPENMP)
-#pragma omp parallel reduction(+ : total)
-#endif
-  {
-#if defined(__AVX512F__)
-    using vec = float __attribute__((vector_size(64)));
-#elif defined(__AVX__)
-    using vec = float __attribute__((vector_size(32)));
-#else
-    using vec = float __attribute__((vector_size(16)));
-#endif
-    constexpr int chains = 24, lanes = sizeof(vec) / sizeof(float);
-    vec acc[chains];
-    for (int i = 0; i < chains; ++i) acc[i] = vec{} + 0.001f * float(i);
-    vec x = vec{} + 0.999f, y = vec{} + 1e-7f;
-    long iters = 0;
-    const auto t0 = clock_type::now();
-    double elapsed = 0;
-    do {
-      for (int rep = 0; rep < 4096; ++rep) {
-#pragma GCC unroll 24
-        for (int i = 0; i < chains; ++i) acc[i] = acc[i] * x + y;  // contracted to FMA at -O3 -march=native
-        __asm__ volatile("" : "+x"(x));
-      }
-      iters += 4096;
-      elapsed = std::chrono::duration<double>(clock_type::now() - t0).count();
-    } while (elapsed < seconds);
-    float sink = 0;
-    for (int i = 0; i < chains; ++i) sink += acc[i][0];
-    total += 2.0 * chains * lanes * double(iters) / elapsed * 1e-9 + (sink == 1234.5f ? 1e-9 : 0.0);
-  }
-  return total;
-}
-
 /// Sets the CPU mask of every thread of this process except the calling one to all online CPUs.
 void release_foreign_threads() {
   cpu_set_t all;

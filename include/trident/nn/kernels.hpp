@@ -10,6 +10,10 @@
 ///   dropout(out, in, spec, p)     out = in * keep / (1 - p), keep = (uniform(spec, i) >= p)
 ///   layer_norm_forward(y, mean, rstd, x, gamma, beta, eps)          over the last axis
 ///   layer_norm_backward(dx, dgamma, dbeta, dy, x, mean, rstd, gamma) dgamma/dbeta accumulate
+///   embedding_forward(y, weight, ids, pos, period)   y[r] = weight[ids[r]] (+ pos[r % period])
+///   embedding_backward(dweight, ids, dy, dpos, period) the scatter-add, deterministic
+///   attention_forward(y, lse, qkv, heads, scale, dropout, spec)     fused causal attention
+///   attention_backward(dqkv, qkv, y, dy, lse, heads, scale, dropout, spec)
 
 #include "../precision/policy.hpp"
 

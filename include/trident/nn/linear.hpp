@@ -43,11 +43,42 @@ class linear {
     if (bias) bias_ = store.declare(name + ".bias", {out}, false);
   }
 
-  /// PyTorch's default initialisation: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
+  /// A layer that shares `tied_weight` (out, in), declared by another module: weight tying, as
+  /// a language model's output head shares the token embedding (vocab, width). The owner
+  /// initialises the weight; this layer's weight gradient accumulates into the shared one.
+  linear(parameter_store<Policy>& store, const std::string& name, parameter_handle tied_weight, bool bias = false,
+         activation act = activation::none)
+      : store_(&store), act_(act), tied_(true) {
+    const auto& w = store.info(tied_weight);
+    if (w.extents.rank() != 2) {
+      throw shape_error("nn::linear '" + name + "': the tied weight '" + w.name + "' must be 2-D (out, in), got " +
+                        w.extents.str());
+    }
+    out_ = w.extents[0];
+    in_ = w.extents[1];
+    weight_ = tied_weight;
+    if (bias) bias_ = store.declare(name + ".bias", {out_}, false);
+  }
+
+  /// PyTorch's default initialisation: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)) (a tied
+  /// weight is left to its owner).
   void init(generator& gen) {
     const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
-    init_tensor(weight_, gen, bound);
+    if (!tied_) init_tensor(weight_, gen, bound);
     if (bias_.valid()) init_tensor(bias_, gen, bound);
+  }
+
+  /// GPT-style initialisation: weight ~ N(0, stddev^2) (a tied weight is left to its owner),
+  /// bias = 0.
+  void init_normal(generator& gen, double stddev) {
+    if (!tied_) {
+      normal(store_->master(weight_), gen, 0.0, stddev);
+      copy(store_->master(weight_), store_->param(weight_));
+    }
+    if (bias_.valid()) {
+      fill(store_->master(bias_), 0.0);
+      copy(store_->master(bias_), store_->param(bias_));
+    }
   }
 
   index_t in_features() const noexcept { return in_; }
@@ -211,6 +242,7 @@ class linear {
   parameter_store<Policy>* store_;
   index_t in_, out_;
   activation act_;
+  bool tied_ = false;
   bool input_grad_ = true;
   parameter_handle weight_{}, bias_{};
   // kept from forward for backward (this step's memory)

@@ -13,6 +13,7 @@
 #include "../../core/rng.hpp"
 #include "../../core/tensor.hpp"
 #include "../../nn/kernels.hpp"
+#include "attention.hpp"
 #include "kernels.hpp"
 #include "parallel.hpp"
 
@@ -183,6 +184,66 @@ struct nn_kernels<cpu> {
         dbeta.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dbeta.data()[i])) + sb);
       }
     }
+  }
+  /// Token (+ position) embedding lookup: row r of y (N, n) is weight[ids[r]] + pos[r % period]
+  /// (pos (>= period, n) may be empty). Ids are checked by the caller.
+  template <class T, class P>
+  static void embedding_forward(view<T> y, view<const P> weight, const std::int32_t* ids, view<const P> pos,
+                                index_t period) {
+    using C = cpu_kernels::compute_of<T, P>;
+    const index_t n = weight.size(1), rows = y.numel() / std::max<index_t>(n, 1);
+    cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 16384 / std::max<index_t>(n, 1)), 1, [&](index_t r0, index_t r1, int) {
+      for (index_t r = r0; r < r1; ++r) {
+        const P* w = weight.data() + static_cast<index_t>(ids[r]) * n;
+        T* yr = y.data() + r * n;
+        if (pos.empty()) {
+          for (index_t i = 0; i < n; ++i) yr[i] = static_cast<T>(cpu_kernels::load<P, C>(w[i]));
+        } else {
+          const P* pr = pos.data() + (r % period) * n;
+          for (index_t i = 0; i < n; ++i) yr[i] = static_cast<T>(cpu_kernels::load<P, C>(w[i]) + cpu_kernels::load<P, C>(pr[i]));
+        }
+      }
+    });
+  }
+
+  /// Backward of embedding_forward: dweight[ids[r]] += dy[r] and, when dpos is not empty,
+  /// dpos[r % period] += dy[r]. Threads own column ranges and add the rows in order, so the
+  /// result is the same bits for every thread count (repeated ids add up deterministically).
+  template <class G, class T>
+  static void embedding_backward(view<G> dweight, const std::int32_t* ids, view<const T> dy, view<G> dpos,
+                                 index_t period) {
+    using C = cpu_kernels::compute_of<G, T>;
+    const index_t n = dweight.size(1), rows = dy.numel() / std::max<index_t>(n, 1);
+    cpu_kernels::parallel_chunks(n, 16, 16, [&](index_t c0, index_t c1, int) {
+      for (index_t r = 0; r < rows; ++r) {
+        const T* g = dy.data() + r * n;
+        G* w = dweight.data() + static_cast<index_t>(ids[r]) * n;
+        for (index_t i = c0; i < c1; ++i) w[i] = static_cast<G>(cpu_kernels::load<G, C>(w[i]) + cpu_kernels::load<T, C>(g[i]));
+        if (!dpos.empty()) {
+          G* pr = dpos.data() + (r % period) * n;
+          for (index_t i = c0; i < c1; ++i) pr[i] = static_cast<G>(cpu_kernels::load<G, C>(pr[i]) + cpu_kernels::load<T, C>(g[i]));
+        }
+      }
+    });
+  }
+  /// Fused causal self-attention (backend/cpu/attention.hpp) on qkv (B, T, 3 width) with
+  /// `heads` heads: y (B, T, width) and the per-row log-sum-exp lse (B, heads, T).
+  template <class T, class S>
+  static void attention_forward(view<T> y, view<S> lse, view<const T> qkv, index_t heads, double scale, double dropout,
+                                const random_spec& spec) {
+    const index_t width = qkv.size(2) / 3;
+    const cpu_kernels::attention_options o{scale, dropout, spec};
+    cpu_kernels::attention_forward<T, S>(qkv.size(0), qkv.size(1), heads, width / heads, qkv.data(), y.data(), lse.data(), o);
+  }
+
+  /// Backward of attention_forward: dqkv (B, T, 3 width) is written.
+  template <class T, class S>
+  static void attention_backward(view<T> dqkv, view<const T> qkv, view<const T> y, view<const T> dy, view<const S> lse,
+                                 index_t heads, double scale, double dropout, const random_spec& spec) {
+    const index_t width = qkv.size(2) / 3;
+    const cpu_kernels::attention_options o{scale, dropout, spec};
+    cpu_kernels::attention_backward<T, S>(qkv.size(0), qkv.size(1), heads, width / heads, qkv.data(), y.data(), dy.data(),
+                                          lse.data(), dqkv.data(), o);
   }
 };
 
