@@ -214,9 +214,51 @@ TRIDENT_ALWAYS_INLINE void store_row(const Acc* src, index_t D, Acc scale, Elem*
   }
 }
 
+#if defined(TRIDENT_HAS_AVX512)
+/// Transposes a 16 x 16 block held in 16 registers (unpack 32-bit, unpack 64-bit, then two
+/// rounds of 128-bit lane shuffles).
+TRIDENT_ALWAYS_INLINE void transpose16x16(__m512 (&r)[16]) noexcept {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i+k], 128-bit lane L: column 4L+k of rows 4i..4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {  // row 4L+k of the result: lane L of r[k], r[4+k], r[8+k], r[12+k]
+    const __m512 x0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x44), x1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xEE);
+    const __m512 y0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x44), y1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    t[8 + k] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 /// Transposes rows [0, nk) of a (bc x Dp) tile into a (Dp x bc) tile; columns [nk, bc) are zeroed.
 template <class Acc>
 TRIDENT_ALWAYS_INLINE void transpose_tile(const Acc* x, index_t nk, index_t Dp, Acc* xt) noexcept {
+#if defined(TRIDENT_HAS_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    for (index_t c0 = 0; c0 < bc; c0 += 16)
+      for (index_t d0 = 0; d0 < Dp; d0 += 16) {
+        __m512 r[16];
+        for (index_t i = 0; i < 16; ++i)
+          r[i] = c0 + i < nk ? _mm512_loadu_ps(x + (c0 + i) * Dp + d0) : _mm512_setzero_ps();
+        transpose16x16(r);
+        for (index_t i = 0; i < 16; ++i) _mm512_storeu_ps(xt + (d0 + i) * bc + c0, r[i]);
+      }
+    return;
+  }
+#endif
   for (index_t d = 0; d < Dp; ++d) {
     Acc* out = xt + d * bc;
     for (index_t c = 0; c < nk; ++c) out[c] = x[c * Dp + d];
@@ -640,14 +682,10 @@ void attention_forward(index_t B, index_t T, index_t H, index_t D, const Elem* q
         prefetch_row(base + C + (j + 16) * ld, D);
         prefetch_row(base + 2 * C + (j + 16) * ld, D);
       }
-      load_row(base + C + j * ld, D, Dp, Acc(1), row);
-      Acc* kt = kt_all + (j / bc) * Dp * bc + j % bc;
-      for (index_t d = 0; d < Dp; ++d) kt[d * bc] = row[d];
+      load_row(base + C + j * ld, D, Dp, Acc(1), out + (j % bc) * Dp);  // O's space stages a key tile
       load_row(base + 2 * C + j * ld, D, Dp, Acc(1), v_all + j * Dp);
-    }
-    for (index_t j = nkeys; j < qt_end * bc; ++j) {  // zero keys past T in the last tile
-      Acc* kt = kt_all + (j / bc) * Dp * bc + j % bc;
-      for (index_t d = 0; d < Dp; ++d) kt[d * bc] = Acc(0);
+      if (j % bc == bc - 1 || j == nkeys - 1)
+        transpose_tile(out, j % bc + 1, Dp, kt_all + (j / bc) * Dp * bc);  // zeros past T
     }
 
     for (index_t qt = qt_begin; qt < qt_end; ++qt) {
@@ -754,12 +792,10 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
           prefetch_row(base + 2 * C + (j0 + c + 16) * ld, D);
         }
         load_row(base + C + (j0 + c) * ld, D, Dp, Acc(1), k + c * Dp);
-        load_row(base + 2 * C + (j0 + c) * ld, D, Dp, Acc(1), row);
-        for (index_t d = 0; d < Dp; ++d) vt[d * bc + c] = row[d];
+        load_row(base + 2 * C + (j0 + c) * ld, D, Dp, Acc(1), dv + c * Dp);  // dv's space stages V
       }
-      for (index_t c = nk; c < bc; ++c)
-        for (index_t d = 0; d < Dp; ++d) vt[d * bc + c] = Acc(0);
       transpose_tile(k, nk, Dp, kt);
+      transpose_tile(dv, nk, Dp, vt);
       std::fill(dk, dk + nk * Dp, Acc(0));
       std::fill(dv, dv + nk * Dp, Acc(0));
 
