@@ -255,6 +255,25 @@ TRIDENT_ALWAYS_INLINE void put(T* p, index_t i, C v) noexcept {
   }
 }
 
+/// Element-wise ops with a hand-vectorised fp32 form, for ops whose scalar form calls libm
+/// (erf, exp) and so does not vectorise: vector_form<Op>::apply(__m512...) on 16 lanes.
+template <class Op>
+struct vector_form {
+  static constexpr bool value = false;
+};
+#if defined(TRIDENT_HAS_AVX512)
+template <>
+struct vector_form<ops::gelu> {
+  static constexpr bool value = true;
+  static TRIDENT_ALWAYS_INLINE __m512 apply(__m512 x) noexcept { return detail::activation_avx512(activation::gelu, x); }
+};
+template <>
+struct vector_form<ops::gelu_backward> {
+  static constexpr bool value = true;
+  static TRIDENT_ALWAYS_INLINE __m512 apply(__m512 dy, __m512 x) noexcept { return detail::gelu_backward_avx512(dy, x); }
+};
+#endif
+
 /// out[i] = op(in_k[i]...) over a span whose output is contiguous and whose inputs are
 /// contiguous or broadcast scalars, a chunk at a time so that the loop body vectorises:
 /// bfloat16 is converted inside the loop, half through F16C buffers. With `stream`, each
@@ -280,7 +299,21 @@ void dense_span(const Op& op, To* o, index_t n, bool stream, const index_t* in_s
     if constexpr (std::is_same_v<D, To>) {
       if (!stream) dst = o + c;
     }
-    if constexpr (K == 1) {
+    if constexpr (vector_form<Op>::value && std::is_same_v<C, float>) {
+      // 16 lanes at a time through the op's hand-vectorised form, the tail element-wise.
+      index_t i = 0;
+      for (; i + 16 <= m; i += 16) {
+        alignas(64) float in[K][16], r[16];
+        [&]<std::size_t... I>(std::index_sequence<I...>) {
+          ([&] {
+            for (int l = 0; l < 16; ++l) in[I][l] = lane<C>(std::get<I>(xs), i + l);
+          }(), ...);
+          _mm512_store_ps(r, vector_form<Op>::apply(_mm512_load_ps(in[I])...));
+        }(std::make_index_sequence<K>{});
+        for (int l = 0; l < 16; ++l) put(dst, i + l, r[l]);
+      }
+      for (; i < m; ++i) put(dst, i, std::apply([&](const auto*... p) { return op(lane<C>(p, i)...); }, xs));
+    } else if constexpr (K == 1) {
       const auto* x0 = std::get<0>(xs);
       TRIDENT_SIMD()
       for (index_t i = 0; i < m; ++i) put(dst, i, op(lane<C>(x0, i)));

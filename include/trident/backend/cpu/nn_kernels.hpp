@@ -107,38 +107,55 @@ struct nn_kernels<cpu> {
 
   /// Layer normalisation over the last axis of x viewed as (rows, n): y = xhat * gamma + beta
   /// with xhat = (x - mean) * rstd; mean and rstd (one per row) are kept for backward.
-  /// gamma/beta may be empty (no affine transform).
+  /// gamma/beta may be empty (no affine transform). Each row is widened once into a buffer of
+  /// the compute type (fp32, or double for double data); the mean and the variance are two
+  /// vectorised passes over it (the variance about the mean, so no cancellation).
   template <class T, class S, class P>
   static void layer_norm_forward(view<T> y, view<S> mean, view<S> rstd, view<const T> x, view<const P> gamma,
                                  view<const P> beta, double eps) {
     using C = cpu_kernels::compute_of<T, S>;
     const index_t n = x.size(x.rank() - 1), rows = x.numel() / std::max<index_t>(n, 1);
+    const bool affine = !gamma.empty();
+    std::vector<C> gw(affine ? static_cast<std::size_t>(n) : 0), bw(gw.size());
+    for (std::size_t i = 0; i < gw.size(); ++i) {
+      gw[i] = cpu_kernels::load<P, C>(gamma.data()[i]);
+      bw[i] = cpu_kernels::load<P, C>(beta.data()[i]);
+    }
     cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 8192 / std::max<index_t>(n, 1)), 1, [&](index_t r0, index_t r1, int) {
+      std::vector<C> buf(static_cast<std::size_t>(n));
+      C* v = buf.data();
+      const C* g = gw.data();
+      const C* bb = bw.data();
       for (index_t r = r0; r < r1; ++r) {
         const T* xr = x.data() + r * n;
         T* yr = y.data() + r * n;
-        double s = 0, ss = 0;
-        for (index_t i = 0; i < n; ++i) s += static_cast<double>(cpu_kernels::load<T, C>(xr[i]));
-        const double mu = s / static_cast<double>(n);
+        C s = 0;
+        TRIDENT_SIMD(reduction(+ : s))
         for (index_t i = 0; i < n; ++i) {
-          const double d = static_cast<double>(cpu_kernels::load<T, C>(xr[i])) - mu;
-          ss += d * d;
+          v[i] = cpu_kernels::load<T, C>(xr[i]);
+          s += v[i];
         }
-        const double rs = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
+        const C mu = s / C(n);
+        C ss = 0;
+        TRIDENT_SIMD(reduction(+ : ss))
+        for (index_t i = 0; i < n; ++i) ss += (v[i] - mu) * (v[i] - mu);
+        const C q = C(1) / std::sqrt(ss / C(n) + C(eps));
         mean.data()[r] = static_cast<S>(mu);
-        rstd.data()[r] = static_cast<S>(rs);
-        const C m = C(mu), q = C(rs);
-        for (index_t i = 0; i < n; ++i) {
-          C v = (cpu_kernels::load<T, C>(xr[i]) - m) * q;
-          if (!gamma.empty()) v = v * cpu_kernels::load<P, C>(gamma.data()[i]) + cpu_kernels::load<P, C>(beta.data()[i]);
-          yr[i] = static_cast<T>(v);
+        rstd.data()[r] = static_cast<S>(q);
+        if (affine) {
+          TRIDENT_SIMD()
+          for (index_t i = 0; i < n; ++i) cpu_kernels::put(yr, i, (v[i] - mu) * q * g[i] + bb[i]);
+        } else {
+          TRIDENT_SIMD()
+          for (index_t i = 0; i < n; ++i) cpu_kernels::put(yr, i, (v[i] - mu) * q);
         }
       }
     });
   }
 
   /// Backward of layer_norm_forward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
-  /// g = dy * gamma; dgamma += sum over rows of dy * xhat, dbeta += sum of dy.
+  /// g = dy * gamma; dgamma += sum over rows of dy * xhat, dbeta += sum of dy. Rows are split
+  /// in fixed chunks whose partial parameter sums are added in chunk order (deterministic).
   template <class T, class S, class P, class G>
   static void layer_norm_backward(view<T> dx, view<G> dgamma, view<G> dbeta, view<const T> dy, view<const T> x,
                                   view<const S> mean, view<const S> rstd, view<const P> gamma) {
@@ -147,44 +164,56 @@ struct nn_kernels<cpu> {
     const bool affine = !gamma.empty();
     const index_t grain = std::max<index_t>(1, 8192 / std::max<index_t>(n, 1));
     const int chunks = cpu_kernels::chunk_count(rows, grain);
-    std::vector<double> part_g(affine ? static_cast<std::size_t>(chunks * n) : 0, 0.0), part_b(part_g.size(), 0.0);
+    std::vector<C> part_g(affine ? static_cast<std::size_t>(chunks * n) : 0, C(0)), part_b(part_g.size(), C(0));
+    std::vector<C> gw(affine ? static_cast<std::size_t>(n) : 0);
+    for (std::size_t i = 0; i < gw.size(); ++i) gw[i] = cpu_kernels::load<P, C>(gamma.data()[i]);
     cpu_kernels::parallel_chunks(rows, grain, 1, [&](index_t r0, index_t r1, int chunk) {
-      std::vector<C> g(static_cast<std::size_t>(n)), xh(static_cast<std::size_t>(n));
-      double* pg = affine ? part_g.data() + chunk * n : nullptr;
-      double* pb = affine ? part_b.data() + chunk * n : nullptr;
+      std::vector<C> gbuf(static_cast<std::size_t>(n)), xbuf(static_cast<std::size_t>(n)), dbuf(static_cast<std::size_t>(n));
+      C* g = gbuf.data();
+      C* xh = xbuf.data();
+      C* d = dbuf.data();
+      const C* gam = gw.data();
+      C* pg = affine ? part_g.data() + chunk * n : nullptr;
+      C* pb = affine ? part_b.data() + chunk * n : nullptr;
       for (index_t r = r0; r < r1; ++r) {
         const T* xr = x.data() + r * n;
         const T* dyr = dy.data() + r * n;
         T* dxr = dx.data() + r * n;
         const C m = cpu_kernels::load<S, C>(mean.data()[r]), q = cpu_kernels::load<S, C>(rstd.data()[r]);
-        double sg = 0, sgx = 0;
+        C sg = 0, sgx = 0;
+        TRIDENT_SIMD(reduction(+ : sg, sgx))
         for (index_t i = 0; i < n; ++i) {
-          const C d = cpu_kernels::load<T, C>(dyr[i]);
+          d[i] = cpu_kernels::load<T, C>(dyr[i]);
           xh[i] = (cpu_kernels::load<T, C>(xr[i]) - m) * q;
-          g[i] = affine ? d * cpu_kernels::load<P, C>(gamma.data()[i]) : d;
-          sg += static_cast<double>(g[i]);
-          sgx += static_cast<double>(g[i]) * static_cast<double>(xh[i]);
-          if (affine) {
-            pg[i] += static_cast<double>(d) * static_cast<double>(xh[i]);
-            pb[i] += static_cast<double>(d);
+          g[i] = affine ? d[i] * gam[i] : d[i];
+          sg += g[i];
+          sgx += g[i] * xh[i];
+        }
+        if (affine) {
+          TRIDENT_SIMD()
+          for (index_t i = 0; i < n; ++i) {
+            pg[i] += d[i] * xh[i];
+            pb[i] += d[i];
           }
         }
-        const C mg = C(sg / static_cast<double>(n)), mgx = C(sgx / static_cast<double>(n));
-        for (index_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(q * (g[i] - mg - xh[i] * mgx));
+        const C mg = sg / C(n), mgx = sgx / C(n);
+        TRIDENT_SIMD()
+        for (index_t i = 0; i < n; ++i) cpu_kernels::put(dxr, i, q * (g[i] - mg - xh[i] * mgx));
       }
     });
     if (affine) {
       for (index_t i = 0; i < n; ++i) {
         double sg = 0, sb = 0;
         for (int c = 0; c < chunks; ++c) {
-          sg += part_g[static_cast<std::size_t>(c * n + i)];
-          sb += part_b[static_cast<std::size_t>(c * n + i)];
+          sg += static_cast<double>(part_g[static_cast<std::size_t>(c * n + i)]);
+          sb += static_cast<double>(part_b[static_cast<std::size_t>(c * n + i)]);
         }
         dgamma.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dgamma.data()[i])) + sg);
         dbeta.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dbeta.data()[i])) + sb);
       }
     }
   }
+
   /// Token (+ position) embedding lookup: row r of y (N, n) is weight[ids[r]] + pos[r % period]
   /// (pos (>= period, n) may be empty). Ids are checked by the caller.
   template <class T, class P>

@@ -59,6 +59,33 @@ TRIDENT_ALWAYS_INLINE __m512 exp_avx512(__m512 x) noexcept {
   return _mm512_scalef_ps(p, n);
 }
 
+/// The two terms of exact GELU and its derivative, lane-wise: s = 1 + erf(x / sqrt 2) and
+/// g = exp(-x^2 / 2). With z = |x| / sqrt 2 and q = erfc(z) = poly(t) exp(-z^2): s = q for
+/// x < 0 (keeping its relative accuracy far out in the tail) and 2 - q otherwise.
+TRIDENT_ALWAYS_INLINE void gelu_terms_avx512(__m512 x, __m512& s, __m512& g) noexcept {
+  const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(vm::sqrt_half)));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(vm::as_p), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(vm::as_a5);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a4));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a3));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a2));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a1));
+  p = _mm512_mul_ps(p, t);
+  g = exp_avx512(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.0f)));
+  const __m512 q = _mm512_mul_ps(p, g);
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  s = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.0f), q), q);
+}
+
+/// dy * GELU'(x) = dy * (s / 2 + x * g / sqrt(2 pi)), lane-wise (exact GELU's derivative).
+TRIDENT_ALWAYS_INLINE __m512 gelu_backward_avx512(__m512 dy, __m512 x) noexcept {
+  __m512 s, g;
+  gelu_terms_avx512(x, s, g);
+  const __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(x, g), _mm512_set1_ps(0.39894228040143267794f),
+                                   _mm512_mul_ps(s, _mm512_set1_ps(0.5f)));
+  return _mm512_mul_ps(dy, d);
+}
+
 /// act(x), lane-wise.
 TRIDENT_ALWAYS_INLINE __m512 activation_avx512(activation act, __m512 x) noexcept {
   switch (act) {
@@ -74,18 +101,8 @@ TRIDENT_ALWAYS_INLINE __m512 activation_avx512(activation act, __m512 x) noexcep
       return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
     }
     case activation::gelu: {
-      // 0.5 x (1 + erf(z)), z = x / sqrt 2. With q = erfc(|z|): 1 + erf(z) = q for z < 0, 2 - q otherwise.
-      const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(vm::sqrt_half)));
-      const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(vm::as_p), _mm512_set1_ps(1.0f)));
-      __m512 p = _mm512_set1_ps(vm::as_a5);
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a4));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a3));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a2));
-      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(vm::as_a1));
-      p = _mm512_mul_ps(p, t);
-      const __m512 q = _mm512_mul_ps(p, exp_avx512(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.0f))));
-      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-      const __m512 s = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(2.0f), q), q);
+      __m512 s, g;
+      gelu_terms_avx512(x, s, g);
       return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), s);
     }
   }
