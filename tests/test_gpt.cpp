@@ -8,9 +8,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <numeric>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include <trident/io/char_text.hpp>
 #include <trident/trident.hpp>
@@ -390,4 +395,75 @@ TEST_CASE("GPT training smoke test: the loss on a short text falls (fp32 and bf1
   };
   train(f32{});
   train(bf16{});
+}
+
+TEST_CASE("gradient check: layer norm that scales without a shift (GPT without biases)") {
+  nn::parameter_store<f64> store;
+  nn::layer_norm<f64> ln(store, "ln", 7, 1e-5, true, false);
+  CHECK(store.infos().size() == 1);
+  store.allocate();
+  generator g(3);
+  ln.init(g);
+  normal(store.params(), g, 1.0, 0.3);  // a gamma away from 1
+  auto x = random_input({4, 7}, 5);
+  const auto r = gradcheck(
+      store, x, [&](nn::context<f64>& ctx, tensor_view<const double> in) { return ln.forward(ctx, in); },
+      [&](nn::context<f64>& ctx, tensor_view<const double> dy) { return ln.backward(ctx, dy); });
+  INFO("worst " << r.worst);
+  CHECK(r.max_rel_error < 1e-6);
+}
+
+TEST_CASE("weights files: a round trip restores every tensor; a bad file is refused and changes nothing") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("trident_weights_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const fs::path file = dir / "model.bin";
+  auto cfg = tiny_config();
+  nn::parameter_store<bf16> a;
+  nn::gpt<bf16> ma(a, cfg);
+  a.allocate();
+  generator g(41);
+  ma.init(g);
+  a.master_from_params();
+  nn::save_weights(a, file);
+  CHECK(!fs::exists(dir / "model.bin.tmp"));
+  nn::parameter_store<bf16> b;
+  nn::gpt<bf16> mb(b, cfg);
+  b.allocate();
+  nn::load_weights(b, file);
+  CHECK(to_vector(b.master()) == to_vector(a.master()));
+  CHECK(to_vector(b.params()) == to_vector(a.params()));
+  // Corrupt one byte in the middle: refused by the checksum, the model keeps its weights.
+  std::string bytes;
+  {
+    std::ifstream in(file, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto write = [&](const std::string& content) {
+    std::ofstream out(file, std::ios::binary | std::ios::trunc);
+    out.write(content.data(), static_cast<std::streamsize>(content.size()));
+  };
+  nn::parameter_store<bf16> c;
+  nn::gpt<bf16> mc(c, cfg);
+  c.allocate();
+  const auto before = to_vector(c.master());
+  std::string bad = bytes;
+  bad[bad.size() / 2] = static_cast<char>(bad[bad.size() / 2] ^ 0x5a);
+  write(bad);
+  CHECK_THROWS_WITH_AS(nn::load_weights(c, file), doctest::Contains("checksum"), error);
+  write(bytes.substr(0, bytes.size() / 3));
+  CHECK_THROWS_AS(nn::load_weights(c, file), error);
+  write("not a weights file at all");
+  CHECK_THROWS_WITH_AS(nn::load_weights(c, file), doctest::Contains("not a trident weights file"), error);
+  CHECK(to_vector(c.master()) == before);
+  // Another architecture: the shape mismatch is named.
+  write(bytes);
+  auto other = cfg;
+  other.n_embd = 16;
+  nn::parameter_store<bf16> d;
+  nn::gpt<bf16> md(d, other);
+  d.allocate();
+  CHECK_THROWS_WITH_AS(nn::load_weights(d, file), doctest::Contains("wte.weight"), error);
+  CHECK_THROWS_AS(nn::load_weights(b, dir / "missing.bin"), error);
+  fs::remove_all(dir);
 }

@@ -44,7 +44,7 @@ struct gpt_config {
   index_t n_head = 4;        ///< attention heads per block
   index_t n_embd = 128;      ///< width of the residual stream
   double dropout = 0.0;      ///< on embeddings, attention weights and residual branches (training)
-  bool bias = true;          ///< biases in the linear layers and LayerNorms
+  bool bias = true;          ///< biases in the linear layers and LayerNorms (nanoGPT's train.py: false)
 
   /// Throws naming the first invalid field.
   void validate() const {
@@ -78,9 +78,9 @@ class transformer_block {
   /// Declares `name.ln_1`, `name.attn`, `name.ln_2`, `name.mlp.c_fc`, `name.mlp.c_proj`.
   transformer_block(parameter_store<Policy>& store, const std::string& name, index_t width, index_t heads, bool bias,
                     double dropout)
-      : ln_1_(store, name + ".ln_1", width, 1e-5, true),
+      : ln_1_(store, name + ".ln_1", width, 1e-5, true, bias),
         attn_(store, name + ".attn", width, heads, bias, dropout),
-        ln_2_(store, name + ".ln_2", width, 1e-5, true),
+        ln_2_(store, name + ".ln_2", width, 1e-5, true, bias),
         c_fc_(store, name + ".mlp.c_fc", width, 4 * width, bias, activation::gelu),
         c_proj_(store, name + ".mlp.c_proj", 4 * width, width, bias),
         drop_attn_(dropout),
@@ -165,7 +165,7 @@ class gpt {
     for (index_t i = 0; i < cfg.n_layer; ++i) {
       blocks_.emplace_back(store, "h." + std::to_string(i), cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout);
     }
-    ln_f_ = std::make_unique<layer_norm<Policy>>(store, "ln_f", cfg.n_embd, 1e-5, true);
+    ln_f_ = std::make_unique<layer_norm<Policy>>(store, "ln_f", cfg.n_embd, 1e-5, true, cfg.bias);
     head_ = std::make_unique<linear<Policy>>(store, "lm_head", wte_.weight(), false);
     head_->set_input_grad(true);
   }

@@ -22,23 +22,28 @@ class layer_norm {
   /// Row statistics: float, or double under fp64.
   using stat_type = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-  /// Declares `name.weight` and `name.bias` (n; neither weight-decayed) when affine.
-  layer_norm(parameter_store<Policy>& store, const std::string& name, index_t n, double eps = 1e-5, bool affine = true)
+  /// Declares `name.weight` and, with `bias`, `name.bias` (n; neither weight-decayed) when
+  /// affine (GPT-2 without biases scales but does not shift: affine, no bias).
+  layer_norm(parameter_store<Policy>& store, const std::string& name, index_t n, double eps = 1e-5, bool affine = true,
+             bool bias = true)
       : store_(&store), n_(n), eps_(eps) {
     if (n <= 0) throw shape_error("nn::layer_norm '" + name + "': size must be positive, got " + std::to_string(n));
     if (affine) {
       gamma_ = store.declare(name + ".weight", {n}, false);
-      beta_ = store.declare(name + ".bias", {n}, false);
+      if (bias) beta_ = store.declare(name + ".bias", {n}, false);
     }
   }
 
   /// gamma = 1, beta = 0.
   void init(generator&) {
-    if (!gamma_.valid()) return;
-    fill(store_->master(gamma_), 1.0);
-    fill(store_->master(beta_), 0.0);
-    copy(store_->master(gamma_), store_->param(gamma_));
-    copy(store_->master(beta_), store_->param(beta_));
+    if (gamma_.valid()) {
+      fill(store_->master(gamma_), 1.0);
+      copy(store_->master(gamma_), store_->param(gamma_));
+    }
+    if (beta_.valid()) {
+      fill(store_->master(beta_), 0.0);
+      copy(store_->master(beta_), store_->param(beta_));
+    }
   }
 
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
@@ -65,10 +70,8 @@ class layer_norm {
     auto dx = ctx.template allocate<S>(dy.shape());
     using G = typename Policy::gradient_type;
     tensor_view<G, D> dg{}, db{};
-    if (gamma_.valid()) {
-      dg = store_->grad(gamma_);
-      db = store_->grad(beta_);
-    }
+    if (gamma_.valid()) dg = store_->grad(gamma_);
+    if (beta_.valid()) db = store_->grad(beta_);
     nn_kernels<D>::layer_norm_backward(dx, dg, db, dy, x_, tensor_view<const stat_type, D>(mean_),
                                        tensor_view<const stat_type, D>(rstd_), gamma());
     return dx;

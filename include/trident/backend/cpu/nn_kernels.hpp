@@ -107,7 +107,7 @@ struct nn_kernels<cpu> {
 
   /// Layer normalisation over the last axis of x viewed as (rows, n): y = xhat * gamma + beta
   /// with xhat = (x - mean) * rstd; mean and rstd (one per row) are kept for backward.
-  /// gamma/beta may be empty (no affine transform). Each row is widened once into a buffer of
+  /// gamma may be empty (no affine transform), and beta alone (scale without shift). Each row is widened once into a buffer of
   /// the compute type (fp32, or double for double data); the mean and the variance are two
   /// vectorised passes over it (the variance about the mean, so no cancellation).
   template <class T, class S, class P>
@@ -119,7 +119,7 @@ struct nn_kernels<cpu> {
     std::vector<C> gw(affine ? static_cast<std::size_t>(n) : 0), bw(gw.size());
     for (std::size_t i = 0; i < gw.size(); ++i) {
       gw[i] = cpu_kernels::load<P, C>(gamma.data()[i]);
-      bw[i] = cpu_kernels::load<P, C>(beta.data()[i]);
+      bw[i] = beta.empty() ? C(0) : cpu_kernels::load<P, C>(beta.data()[i]);
     }
     cpu_kernels::parallel_chunks(rows, std::max<index_t>(1, 8192 / std::max<index_t>(n, 1)), 1, [&](index_t r0, index_t r1, int) {
       std::vector<C> buf(static_cast<std::size_t>(n));
@@ -154,7 +154,7 @@ struct nn_kernels<cpu> {
   }
 
   /// Backward of layer_norm_forward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
-  /// g = dy * gamma; dgamma += sum over rows of dy * xhat, dbeta += sum of dy. Rows are split
+  /// g = dy * gamma; dgamma += sum over rows of dy * xhat, dbeta (when not empty) += sum of dy. Rows are split
   /// in fixed chunks whose partial parameter sums are added in chunk order (deterministic).
   template <class T, class S, class P, class G>
   static void layer_norm_backward(view<T> dx, view<G> dgamma, view<G> dbeta, view<const T> dy, view<const T> x,
@@ -209,7 +209,7 @@ struct nn_kernels<cpu> {
           sb += static_cast<double>(part_b[static_cast<std::size_t>(c * n + i)]);
         }
         dgamma.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dgamma.data()[i])) + sg);
-        dbeta.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dbeta.data()[i])) + sb);
+        if (!dbeta.empty()) dbeta.data()[i] = static_cast<G>(static_cast<double>(cpu_kernels::load<G, C>(dbeta.data()[i])) + sb);
       }
     }
   }
