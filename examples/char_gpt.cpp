@@ -51,7 +51,7 @@ struct settings {
   std::uint64_t seed = 1337;
   int threads = 0;
   bool bias = false, checkpoint = false, progress = true;
-  std::string csv{}, save{};
+  std::string csv{}, save{}, load{};
 };
 
 void usage(const char* prog, const settings& d, std::FILE* to) {
@@ -73,6 +73,7 @@ void usage(const char* prog, const settings& d, std::FILE* to) {
                "  --temperature X --top-k N   sampling (default %g, %lld)\n"
                "  --prompt TEXT        the sample's start (default a newline)\n"
                "  --checkpoint         activation checkpointing (prints its memory saving and time cost)\n"
+               "  --load FILE          start from saved weights (with --iters 0: only evaluate and sample)\n"
                "  --seed N --threads N --csv FILE --save FILE --no-progress\n",
                prog, TRIDENT_DEFAULT_TEXT, static_cast<long long>(d.iters), static_cast<long long>(d.batch),
                static_cast<long long>(d.block), static_cast<long long>(d.layers), static_cast<long long>(d.heads),
@@ -110,7 +111,7 @@ settings parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
     if (a == "--data") s.data = value(i);
-    else if (a == "--iters") s.iters = integer(i, 1);
+    else if (a == "--iters") s.iters = integer(i, 0);
     else if (a == "--batch") s.batch = integer(i, 1);
     else if (a == "--block") s.block = integer(i, 1);
     else if (a == "--layers") s.layers = integer(i, 1);
@@ -135,6 +136,7 @@ settings parse(int argc, char** argv) {
     else if (a == "--threads") s.threads = static_cast<int>(integer(i, 1));
     else if (a == "--csv") s.csv = value(i);
     else if (a == "--save") s.save = value(i);
+    else if (a == "--load") s.load = value(i);
     else if (a == "--no-progress") s.progress = false;
     else if (a == "--help" || a == "-h") {
       usage(argv[0], defaults, stdout);
@@ -236,10 +238,11 @@ int run(int argc, char** argv) {
   generator init_gen(s.seed);
   model.init(init_gen);
   store.master_from_params();
+  if (!s.load.empty()) nn::load_weights(store, s.load);
 
   optim::adamw opt({.lr = s.lr, .beta1 = 0.9, .beta2 = s.beta2, .weight_decay = s.weight_decay});
   sched::warmup_cosine_lr schedule(opt, {.total_num_steps = std::max<std::int64_t>(2, s.iters),
-                                         .warmup_num_steps = std::max<std::int64_t>(1, s.warmup),
+                                         .warmup_num_steps = s.iters > 0 ? std::max<std::int64_t>(1, s.warmup) : 1,
                                          .cos_min_ratio = s.lr > 0 ? s.min_lr / s.lr : 0.0,
                                          .warmup_type = sched::warmup_kind::linear});
   train::step_control<P> control({.gradient_clipping = s.clip});
@@ -315,7 +318,7 @@ int run(int argc, char** argv) {
     std::snprintf(m, sizeof m, "loss %.4f val %.4f", loss, last_val);
     bar.finish(s.iters, static_cast<double>(s.iters * tokens_per_iter), m);
   }
-  const double tokens_per_s = static_cast<double>(s.iters * tokens_per_iter) / train_seconds;
+  const double tokens_per_s = train_seconds > 0 ? static_cast<double>(s.iters * tokens_per_iter) / train_seconds : 0.0;
   const double val_full = full_validation(model, eval_mem, data, s.block);
   std::printf("validation loss over the whole validation split (%lld windows of %lld): %.4f\n",
               static_cast<long long>((data.val_size() - 1) / s.block), static_cast<long long>(s.block), val_full);
