@@ -27,6 +27,8 @@
 #include <trident/io/char_text.hpp>
 #include <trident/trident.hpp>
 
+#include "cli.hpp"
+
 #ifndef TRIDENT_EXAMPLE_PRECISION
 #define TRIDENT_EXAMPLE_PRECISION fp32
 #endif
@@ -85,29 +87,10 @@ void usage(const char* prog, const settings& d, std::FILE* to) {
 settings parse(int argc, char** argv) {
   settings s;
   const settings defaults;
-  auto fail = [&](const std::string& what) {
-    std::fprintf(stderr, "%s: %s\n", argv[0], what.c_str());
-    usage(argv[0], defaults, stderr);
-    std::exit(2);
-  };
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string("option ") + argv[i] + " needs a value");
-    return argv[++i];
-  };
-  auto integer = [&](int& i, long long lo) -> index_t {
-    const std::string opt = argv[i], v = value(i);
-    char* end = nullptr;
-    const long long x = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || x < lo) fail("option " + opt + " takes an integer >= " + std::to_string(lo) + ", got '" + v + "'");
-    return static_cast<index_t>(x);
-  };
-  auto real = [&](int& i, double lo) {
-    const std::string opt = argv[i], v = value(i);
-    char* end = nullptr;
-    const double x = std::strtod(v.c_str(), &end);
-    if (v.empty() || *end != '\0' || !(x >= lo) || !std::isfinite(x)) fail("option " + opt + " takes a finite number >= " + std::to_string(lo) + ", got '" + v + "'");
-    return x;
-  };
+  const example::cli args(argc, argv, [&](std::FILE* to) { usage(argv[0], defaults, to); });
+  auto value = [&](int& i) { return args.value(i); };
+  auto integer = [&](int& i, long long lo) { return static_cast<index_t>(args.integer(i, lo)); };
+  auto real = [&](int& i, double lo) { return args.real(i, lo); };
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
     if (a == "--data") s.data = value(i);
@@ -142,14 +125,14 @@ settings parse(int argc, char** argv) {
       usage(argv[0], defaults, stdout);
       std::exit(0);
     } else {
-      fail("unknown option '" + std::string(a) + "'");
+      args.fail("unknown option '" + std::string(a) + "'");
     }
   }
   if (s.data.empty()) {
     const char* env = std::getenv("TRIDENT_TINYSHAKESPEARE");
     s.data = env != nullptr && *env != '\0' ? env : TRIDENT_DEFAULT_TEXT;
   }
-  if (s.min_lr > s.lr) fail("--min-lr must not exceed --lr");
+  if (s.min_lr > s.lr) args.fail("--min-lr must not exceed --lr");
   return s;
 }
 

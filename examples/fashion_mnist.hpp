@@ -18,6 +18,8 @@
 #include <trident/io.hpp>
 #include <trident/trident.hpp>
 
+#include "cli.hpp"
+
 #ifndef TRIDENT_EXAMPLE_PRECISION
 #define TRIDENT_EXAMPLE_PRECISION fp32
 #endif
@@ -67,33 +69,10 @@ inline void usage(const char* prog, const settings& d, std::FILE* to) {
 /// Parses argv over `s`; exits with a message on anything it does not understand.
 inline settings parse(int argc, char** argv, settings s) {
   const settings defaults = s;
-  auto fail = [&](const std::string& what) {
-    std::fprintf(stderr, "%s: %s\n", argv[0], what.c_str());
-    usage(argv[0], defaults, stderr);
-    std::exit(2);
-  };
-  auto value = [&](int& i) -> std::string {
-    if (i + 1 >= argc) fail(std::string("option ") + argv[i] + " needs a value");
-    return argv[++i];
-  };
-  auto integer = [&](int& i, long long lo) {
-    const std::string opt = argv[i];
-    const std::string v = value(i);
-    char* end = nullptr;
-    const long long x = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || x < lo) fail("option " + opt + " takes an integer >= " + std::to_string(lo) + ", got '" + v + "'");
-    return x;
-  };
-  auto real = [&](int& i, double lo) {
-    const std::string opt = argv[i];
-    const std::string v = value(i);
-    char* end = nullptr;
-    const double x = std::strtod(v.c_str(), &end);
-    if (v.empty() || *end != '\0' || !(x >= lo) || !std::isfinite(x)) {
-      fail("option " + opt + " takes a finite number >= " + std::to_string(lo) + ", got '" + v + "'");
-    }
-    return x;
-  };
+  const cli args(argc, argv, [&](std::FILE* to) { usage(argv[0], defaults, to); });
+  auto value = [&](int& i) { return args.value(i); };
+  auto integer = [&](int& i, long long lo) { return args.integer(i, lo); };
+  auto real = [&](int& i, double lo) { return args.real(i, lo); };
   for (int i = 1; i < argc; ++i) {
     const std::string_view a = argv[i];
     if (a == "--epochs") s.epochs = static_cast<int>(integer(i, 1));
@@ -112,7 +91,7 @@ inline settings parse(int argc, char** argv, settings s) {
       usage(argv[0], defaults, stdout);
       std::exit(0);
     } else {
-      fail("unknown option '" + std::string(a) + "'");
+      args.fail("unknown option '" + std::string(a) + "'");
     }
   }
   return s;
