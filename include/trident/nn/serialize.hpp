@@ -126,7 +126,7 @@ void load_weights(parameter_store<Policy>& store, const std::filesystem::path& p
     throw error("nn::load_weights: '" + file + "' holds " + std::to_string(count) + " tensors, the model has " +
                 std::to_string(store.infos().size()));
   }
-  std::vector<double> values(static_cast<std::size_t>(store.size()), 0.0);
+  std::vector<double> values(static_cast<std::size_t>(store.size()), 0.0);  // padding stays 0
   std::vector<bool> seen(store.infos().size(), false);
   for (std::uint64_t t = 0; t < count; ++t) {
     const auto len = r.get<std::uint32_t>("a name length");
@@ -162,9 +162,10 @@ void load_weights(parameter_store<Policy>& store, const std::filesystem::path& p
     }
   }
   if (r.pos != bytes.size() - 8) throw error("nn::load_weights: '" + file + "' has trailing bytes");
-  auto host = tensor<double>({store.size()});
-  std::copy(values.begin(), values.end(), host.data());
-  copy(host.view(), store.master());
+  using M = typename parameter_store<Policy>::master_type;
+  std::vector<M> cast(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) cast[i] = static_cast<M>(values[i]);
+  copy(from_vector<M, typename Policy::device>({store.size()}, cast), store.master());
   store.params_from_master();
 }
 
