@@ -154,6 +154,77 @@ TRIDENT_ALWAYS_INLINE void prefetch_row(const Elem* p, index_t D) noexcept {
 #endif
 }
 
+/// Cache-line prefetches handed out a few at a time from inside the tile products, so that
+/// the rows a task will write (its outputs) and the rows the next task will read (its inputs)
+/// are on their way while this task computes. The rows of qkv, y and dqkv are ld elements
+/// apart, more than a page, so the hardware prefetchers do not find them, and loading or
+/// storing them in a tight loop runs at the latency of memory (a store miss holds up the
+/// store buffer). Spreading the lines over the products keeps the line-fill buffers from
+/// filling up. The pace: the task's lines over the number of pumps the thread's previous
+/// task made (tasks of a call have about the same shape). Only a hint: results do not
+/// depend on it. Calls whose tensors fit the caches (worth_prefetching) queue nothing.
+class prefetch_queue {
+ public:
+  /// Queues rows [0, rows) of `bytes` bytes each, the first at p and the others `stride`
+  /// bytes apart; `write` if they will be stored to.
+  void add(const void* p, index_t rows, index_t stride, index_t bytes, bool write) noexcept {
+    if (n_ == max_ranges || rows <= 0 || bytes <= 0) return;
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    const index_t lines = static_cast<index_t>((a % 64 + static_cast<std::uintptr_t>(bytes) + 63) / 64);
+    ranges_[n_++] = {reinterpret_cast<const char*>(a - a % 64), rows, stride, lines, write};
+    total_ += rows * lines;
+  }
+  /// Sets the pace once everything is queued.
+  void start() noexcept {
+    const index_t expected = std::max<index_t>(last_pumps(), 16);
+    per_pump_ = (total_ + expected - 1) / expected + 1;
+  }
+  /// Issues the next few lines.
+  TRIDENT_ALWAYS_INLINE void pump() noexcept {
+    ++pumps_;
+    if (cur_ < n_) issue();
+  }
+  ~prefetch_queue() { last_pumps() = pumps_; }
+
+ private:
+  static constexpr int max_ranges = 16;
+  struct range {
+    const char* p;
+    index_t rows, stride, lines;
+    bool write;
+  };
+  static index_t& last_pumps() noexcept {
+    thread_local index_t n = 0;
+    return n;
+  }
+  void issue() noexcept {
+    for (index_t i = 0; i < per_pump_ && cur_ < n_; ++i) {
+      const range& r = ranges_[cur_];
+#if defined(__GNUC__) || defined(__clang__)
+      const char* a = r.p + row_ * r.stride + line_ * 64;
+      if (r.write)
+        __builtin_prefetch(a, 1, 3);
+      else
+        __builtin_prefetch(a, 0, 2);  // to L2: the next task's inputs
+#endif
+      if (++line_ == r.lines) {
+        line_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++cur_;
+        }
+      }
+    }
+  }
+  range ranges_[max_ranges]{};
+  int n_ = 0, cur_ = 0;
+  index_t row_ = 0, line_ = 0, total_ = 0, per_pump_ = 1, pumps_ = 0;
+};
+
+/// Whether a call touching `bytes` of tensors gains from prefetch_queue: below a few MiB they
+/// stay in L2 between calls and the prefetches only cost instructions.
+inline bool worth_prefetching(std::size_t bytes) noexcept { return bytes > (std::size_t{4} << 20); }
+
 /// dst[0, D) = scale * src[0, D) widened to Acc; dst[D, Dp) = 0.
 template <class Elem, class Acc>
 TRIDENT_ALWAYS_INLINE void load_row(const Elem* src, index_t D, index_t Dp, Acc scale, Acc* dst) noexcept {
@@ -212,6 +283,21 @@ TRIDENT_ALWAYS_INLINE void store_row(const Acc* src, index_t D, Acc scale, Elem*
     for (index_t d = 0; d < D; ++d) tmp[d] = src[d] * scale;
     simd::convert(tmp, dst, static_cast<std::size_t>(D));
   }
+}
+
+/// a[0, Dp) . b[0, Dp) for rows padded to whole vectors (16 lanes of partial sums with AVX-512).
+template <class Acc>
+TRIDENT_ALWAYS_INLINE Acc dot_padded(const Acc* a, const Acc* b, index_t Dp) noexcept {
+#if defined(TRIDENT_HAS_AVX512)
+  if constexpr (std::is_same_v<Acc, float>) {
+    __m512 acc = _mm512_setzero_ps();
+    for (index_t d = 0; d < Dp; d += vec) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  Acc acc = 0;
+  for (index_t d = 0; d < Dp; ++d) acc += a[d] * b[d];
+  return acc;
 }
 
 #if defined(TRIDENT_HAS_AVX512)
@@ -289,8 +375,9 @@ void dropout_multipliers(const attention_options& o, std::uint64_t n0, index_t c
 /// all nk keys, or on the diagonal tile (diag) only c <= r.
 template <class Acc>
 void scores_generic(const Acc* a, index_t lda, index_t rows, const Acc* bt, index_t Dp, bool diag, index_t nk,
-                    Acc* s) noexcept {
+                    Acc* s, prefetch_queue& pf) noexcept {
   for (index_t r = 0; r < rows; ++r) {
+    pf.pump();
     const index_t nc = diag ? std::min(nk, r + 1) : nk;
     Acc* sr = s + r * bc;
     for (index_t c = 0; c < nc; ++c) sr[c] = Acc(0);
@@ -306,8 +393,9 @@ void scores_generic(const Acc* a, index_t lda, index_t rows, const Acc* bt, inde
 /// out[r][0, Dp) += sum over c of p[r][c] * m[c][0, Dp), c over the keys row r may see.
 template <class Acc>
 void rows_times_keys_generic(const Acc* p, index_t rows, bool diag, index_t nk, const Acc* m, index_t Dp, Acc* out,
-                             index_t ldo) noexcept {
+                             index_t ldo, prefetch_queue& pf) noexcept {
   for (index_t r = 0; r < rows; ++r) {
+    pf.pump();
     const index_t nc = diag ? std::min(nk, r + 1) : nk;
     Acc* o = out + r * ldo;
     for (index_t c = 0; c < nc; ++c) {
@@ -322,8 +410,9 @@ void rows_times_keys_generic(const Acc* p, index_t rows, bool diag, index_t nk, 
 /// out[c][0, Dp) += sum over r of p[r][c] * x[r][0, Dp), for keys c < nk and the rows that see them.
 template <class Acc>
 void keys_times_rows_generic(const Acc* p, index_t rows, bool diag, index_t nk, const Acc* x, index_t ldx,
-                             index_t Dp, Acc* out) noexcept {
+                             index_t Dp, Acc* out, prefetch_queue& pf) noexcept {
   for (index_t c = 0; c < nk; ++c) {
+    pf.pump();
     Acc* o = out + c * Dp;
     for (index_t r = diag ? c : 0; r < rows; ++r) {
       const Acc w = p[r * bc + c];
@@ -435,9 +524,10 @@ TRIDENT_ALWAYS_INLINE void scores_block_avx512(const float* a, index_t lda, cons
 
 /// scores_generic for float with AVX-512 register blocks (columns to 16-column granularity).
 inline void scores_avx512(const float* a, index_t lda, index_t rows, const float* bt, index_t Dp, bool diag,
-                          index_t nk, float* s) noexcept {
+                          index_t nk, float* s, prefetch_queue& pf) noexcept {
   constexpr index_t rb = 4;
   for (index_t r0 = 0; r0 < rows; r0 += rb) {
+    pf.pump();
     const index_t nr = std::min(rb, rows - r0);
     const index_t nc = diag ? std::min(nk, r0 + nr) : nk;
     with_rows(nr, [&](auto R) {
@@ -476,11 +566,12 @@ TRIDENT_ALWAYS_INLINE void rows_times_keys_block_avx512(const float* p, index_t 
 
 /// rows_times_keys_generic for float with AVX-512 register blocks.
 inline void rows_times_keys_avx512(const float* p, index_t rows, bool diag, index_t nk, const float* m, index_t Dp,
-                                   float* out, index_t ldo) noexcept {
+                                   float* out, index_t ldo, prefetch_queue& pf) noexcept {
   for (index_t g0 = 0; g0 < Dp; g0 += 64) {
     const index_t nv = std::min<index_t>(4, (Dp - g0) / 16);
     const index_t rb = block_rows(nv);
     for (index_t r0 = 0; r0 < rows; r0 += rb) {
+      pf.pump();
       const index_t nr = std::min(rb, rows - r0);
       const index_t nc = diag ? std::min(nk, r0 + nr) : nk;
       with_vectors(nv, [&](auto NV) {
@@ -521,11 +612,12 @@ TRIDENT_ALWAYS_INLINE void keys_times_rows_block_avx512(const float* p, index_t 
 
 /// keys_times_rows_generic for float with AVX-512 register blocks.
 inline void keys_times_rows_avx512(const float* p, index_t rows, bool diag, index_t nk, const float* x, index_t ldx,
-                                   index_t Dp, float* out) noexcept {
+                                   index_t Dp, float* out, prefetch_queue& pf) noexcept {
   for (index_t g0 = 0; g0 < Dp; g0 += 64) {
     const index_t nv = std::min<index_t>(4, (Dp - g0) / 16);
     const index_t kb = block_rows(nv);
     for (index_t c0 = 0; c0 < nk; c0 += kb) {
+      pf.pump();
       const index_t nr = std::min(kb, nk - c0);
       const index_t r0 = diag ? c0 : 0;  // rows before the first key of the block cannot see it
       if (r0 >= rows) break;
@@ -585,31 +677,31 @@ inline void backward_row_avx512(float* s, float* dp, float* pd, const float* z, 
 /// s = a . bt over the needed columns (see scores_generic).
 template <class Acc>
 TRIDENT_ALWAYS_INLINE void scores(const Acc* a, index_t lda, index_t rows, const Acc* bt, index_t Dp, bool diag,
-                                  index_t nk, Acc* s) noexcept {
+                                  index_t nk, Acc* s, prefetch_queue& pf) noexcept {
 #if defined(TRIDENT_HAS_AVX512)
-  if constexpr (std::is_same_v<Acc, float>) return scores_avx512(a, lda, rows, bt, Dp, diag, nk, s);
+  if constexpr (std::is_same_v<Acc, float>) return scores_avx512(a, lda, rows, bt, Dp, diag, nk, s, pf);
 #endif
-  scores_generic(a, lda, rows, bt, Dp, diag, nk, s);
+  scores_generic(a, lda, rows, bt, Dp, diag, nk, s, pf);
 }
 
 /// out += p . m (see rows_times_keys_generic).
 template <class Acc>
 TRIDENT_ALWAYS_INLINE void rows_times_keys(const Acc* p, index_t rows, bool diag, index_t nk, const Acc* m, index_t Dp,
-                                           Acc* out, index_t ldo) noexcept {
+                                           Acc* out, index_t ldo, prefetch_queue& pf) noexcept {
 #if defined(TRIDENT_HAS_AVX512)
-  if constexpr (std::is_same_v<Acc, float>) return rows_times_keys_avx512(p, rows, diag, nk, m, Dp, out, ldo);
+  if constexpr (std::is_same_v<Acc, float>) return rows_times_keys_avx512(p, rows, diag, nk, m, Dp, out, ldo, pf);
 #endif
-  rows_times_keys_generic(p, rows, diag, nk, m, Dp, out, ldo);
+  rows_times_keys_generic(p, rows, diag, nk, m, Dp, out, ldo, pf);
 }
 
 /// out += p^T . x (see keys_times_rows_generic).
 template <class Acc>
 TRIDENT_ALWAYS_INLINE void keys_times_rows(const Acc* p, index_t rows, bool diag, index_t nk, const Acc* x,
-                                           index_t ldx, index_t Dp, Acc* out) noexcept {
+                                           index_t ldx, index_t Dp, Acc* out, prefetch_queue& pf) noexcept {
 #if defined(TRIDENT_HAS_AVX512)
-  if constexpr (std::is_same_v<Acc, float>) return keys_times_rows_avx512(p, rows, diag, nk, x, ldx, Dp, out);
+  if constexpr (std::is_same_v<Acc, float>) return keys_times_rows_avx512(p, rows, diag, nk, x, ldx, Dp, out, pf);
 #endif
-  keys_times_rows_generic(p, rows, diag, nk, x, ldx, Dp, out);
+  keys_times_rows_generic(p, rows, diag, nk, x, ldx, Dp, out, pf);
 }
 
 /// One online-softmax row (see softmax_row_generic).
@@ -659,6 +751,7 @@ void attention_forward(index_t B, index_t T, index_t H, index_t D, const Elem* q
   using cv = carver<Acc>;
   const index_t scratch = nqt * (cv::size(Dp * bc) + cv::size(bc * Dp)) + 2 * cv::size(br * Dp) +
                           cv::size(br * bc) + 2 * cv::size(br) + cv::size(std::max(Dp, bc));
+  const bool prefetch = worth_prefetching(static_cast<std::size_t>(4 * B * T * C) * sizeof(Elem));  // qkv and y
 
   parallel_tasks(BH * groups, [&](index_t u) {
     const index_t grp = groups - 1 - u / BH;  // the costliest (last) query tiles first
@@ -675,6 +768,25 @@ void attention_forward(index_t B, index_t T, index_t H, index_t D, const Elem* q
     Acc* l = ws.take(br);                     // running row sum
     Acc* row = ws.take(std::max(Dp, bc));     // a staged row; dropout multipliers
     const Elem* base = qkv + b * T * ld + h * D;
+    const index_t row_bytes = D * static_cast<index_t>(sizeof(Elem));
+
+    // Prefetched while computing: this task's rows of y, then the next task's q, k, v (the
+    // thread that is free next takes task u + threads, or near it).
+    prefetch_queue pf;
+    if (prefetch) pf.add(y + (b * T + qt_begin * br) * C + h * D, std::min(T, qt_end * br) - qt_begin * br,
+           C * static_cast<index_t>(sizeof(Elem)), row_bytes, true);
+    if (const index_t un = u + available_threads(); prefetch && un < BH * groups) {
+      const index_t gn = groups - 1 - un / BH, bhn = un % BH;
+      const index_t qbn = gn * per_group, qen = std::min(nqt, qbn + per_group);
+      if (qbn < qen) {
+        const Elem* bn = qkv + (bhn / H) * T * ld + (bhn % H) * D;
+        const index_t keys = std::min(T, qen * bc), stride = ld * static_cast<index_t>(sizeof(Elem));
+        pf.add(bn + C, keys, stride, row_bytes, false);
+        pf.add(bn + 2 * C, keys, stride, row_bytes, false);
+        pf.add(bn + qbn * br * ld, std::min(T, qen * br) - qbn * br, stride, row_bytes, false);
+      }
+    }
+    pf.start();
 
     const index_t nkeys = std::min(T, qt_end * bc);
     for (index_t j = 0; j < nkeys; ++j) {
@@ -701,7 +813,7 @@ void attention_forward(index_t B, index_t T, index_t H, index_t D, const Elem* q
       for (index_t jt = 0; jt <= qt; ++jt) {
         const index_t j0 = jt * bc, nk = std::min(bc, T - j0);
         const bool diag = jt == qt;
-        scores(q, Dp, nq, kt_all + jt * Dp * bc, Dp, diag, nk, s);
+        scores(q, Dp, nq, kt_all + jt * Dp * bc, Dp, diag, nk, s, pf);
         for (index_t r = 0; r < nq; ++r) {
           const index_t valid = diag ? std::min(nk, r + 1) : nk;
           Acc* sr = s + r * bc;
@@ -718,7 +830,7 @@ void attention_forward(index_t B, index_t T, index_t H, index_t D, const Elem* q
             for (index_t c = 0; c < valid; ++c) sr[c] *= row[c];
           }
         }
-        rows_times_keys(s, nq, diag, nk, v_all + j0 * Dp, Dp, out, Dp);
+        rows_times_keys(s, nq, diag, nk, v_all + j0 * Dp, Dp, out, Dp, pf);
       }
 
       for (index_t r = 0; r < nq; ++r) {
@@ -748,6 +860,7 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
   using cv = carver<Acc>;
   const index_t scratch = 3 * cv::size(T * Dp) + cv::size(T) + 3 * cv::size(bc * Dp) + 2 * cv::size(Dp * bc) +
                           3 * cv::size(br * bc) + 2 * cv::size(std::max(Dp, bc));
+  const bool prefetch = worth_prefetching(static_cast<std::size_t>(8 * B * T * C) * sizeof(Elem));  // all but lse
 
   parallel_tasks(BH, [&](index_t bh) {
     const index_t b = bh / H, h = bh % H;
@@ -768,6 +881,23 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
     Acc* z = ws.take(std::max(Dp, bc));
     const Elem* base = qkv + b * T * ld + h * D;
     const Acc* lse_h = lse + bh * T;
+    const index_t row_bytes = D * static_cast<index_t>(sizeof(Elem)), stride = ld * static_cast<index_t>(sizeof(Elem));
+    const index_t cstride = C * static_cast<index_t>(sizeof(Elem));
+
+    // Prefetched while computing: this task's rows of dqkv in the order they are stored (per key
+    // tile dq, dk, dv), then the next task's q, k, v, dy and y (see prefetch_queue).
+    prefetch_queue pf;
+    Elem* dst_h = dqkv + b * T * ld + h * D;
+    for (index_t t0 = 0; prefetch && t0 < T; t0 += bc)
+      for (index_t part = 0; part < 3; ++part)
+        pf.add(dst_h + t0 * ld + part * C, std::min(bc, T - t0), stride, row_bytes, true);
+    if (const index_t bn = bh + available_threads(); prefetch && bn < BH) {
+      const Elem* basen = qkv + (bn / H) * T * ld + (bn % H) * D;
+      for (index_t part = 0; part < 3; ++part) pf.add(basen + part * C, T, stride, row_bytes, false);
+      pf.add(dy + (bn / H) * T * C + (bn % H) * D, T, cstride, row_bytes, false);
+      pf.add(y + (bn / H) * T * C + (bn % H) * D, T, cstride, row_bytes, false);
+    }
+    pf.start();
 
     for (index_t i = 0; i < T; ++i) {
       if (i + 16 < T) {
@@ -778,9 +908,7 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
       load_row(base + i * ld, D, Dp, scale, q + i * Dp);
       load_row(dy + (b * T + i) * C + h * D, D, Dp, Acc(1), g + i * Dp);
       load_row(y + (b * T + i) * C + h * D, D, Dp, Acc(1), row);
-      Acc acc = 0;
-      for (index_t d = 0; d < D; ++d) acc += g[i * Dp + d] * row[d];
-      dvec[i] = acc;
+      dvec[i] = dot_padded(g + i * Dp, row, Dp);
     }
     std::fill(dq, dq + T * Dp, Acc(0));
 
@@ -802,8 +930,8 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
       for (index_t qt = jt; qt < nqt; ++qt) {
         const index_t i0 = qt * br, nq = std::min(br, T - i0);
         const bool diag = qt == jt;
-        scores(q + i0 * Dp, Dp, nq, kt, Dp, diag, nk, s);
-        scores(g + i0 * Dp, Dp, nq, vt, Dp, diag, nk, dp);
+        scores(q + i0 * Dp, Dp, nq, kt, Dp, diag, nk, s, pf);
+        scores(g + i0 * Dp, Dp, nq, vt, Dp, diag, nk, dp, pf);
         for (index_t r = 0; r < nq; ++r) {
           const index_t valid = diag ? std::min(nk, r + 1) : nk;
           if (drop) {
@@ -812,9 +940,11 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
           }
           backward_row(s + r * bc, dp + r * bc, pd + r * bc, drop ? z : nullptr, valid, lse_h[i0 + r], dvec[i0 + r]);
         }
-        keys_times_rows(drop ? pd : s, nq, diag, nk, g + i0 * Dp, Dp, Dp, dv);  // dV += P^T dY
-        keys_times_rows(dp, nq, diag, nk, q + i0 * Dp, Dp, Dp, dk);             // dK += dS^T (scale Q)
-        rows_times_keys(dp, nq, diag, nk, k, Dp, dq + i0 * Dp, Dp);              // dQ += dS K
+        keys_times_rows(drop ? pd : s, nq, diag, nk, g + i0 * Dp, Dp, Dp, dv, pf);  // dV += P^T dY
+        keys_times_rows(dp, nq, diag, nk, q + i0 * Dp, Dp, Dp, dk, pf);             // dK += dS^T (scale Q)
+        rows_times_keys(dp, nq, diag, nk, k, Dp, dq + i0 * Dp, Dp, pf);              // dQ += dS K
+        if (diag)  // the last contribution to these rows of dQ (key tiles run left to right)
+          for (index_t r = 0; r < nq; ++r) store_row(dq + (i0 + r) * Dp, D, scale, dst_h + (i0 + r) * ld, row);
       }
 
       for (index_t c = 0; c < nk; ++c) {
@@ -823,7 +953,6 @@ void attention_backward(index_t B, index_t T, index_t H, index_t D, const Elem* 
         store_row(dv + c * Dp, D, Acc(1), dst + 2 * C, row);
       }
     }
-    for (index_t i = 0; i < T; ++i) store_row(dq + i * Dp, D, scale, dqkv + (b * T + i) * ld + h * D, row);
   });
 }
 
