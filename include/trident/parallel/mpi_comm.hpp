@@ -1,0 +1,378 @@
+#pragma once
+/// @file parallel/mpi_comm.hpp
+/// `mpi_comm`: the communicator over MPI, between processes. Include it through
+/// trident/mpi.hpp (link trident::mpi).
+///
+/// Design. An mpi_comm duplicates the MPI_Comm it is given (MPI_COMM_WORLD by default), so
+/// that trident's collectives can never match a collective of the user's on that
+/// communicator, and sets MPI_ERRORS_RETURN on the duplicate only, so MPI failures become
+/// mpi_error exceptions (naming the call) instead of aborting the job. The collectives map
+/// one to one onto MPI_Allreduce, MPI_Reduce_scatter_block, MPI_Allgather, MPI_Bcast,
+/// MPI_Barrier and the MPI-3 non-blocking MPI_Iallreduce, MPI_Ireduce_scatter_block and
+/// MPI_Iallgather; `mpi_request` wraps the MPI_Request.
+///
+/// Element types. float, double and int32 travel and reduce as MPI_FLOAT, MPI_DOUBLE and
+/// MPI_INT32_T with MPI's own ops (average: MPI_SUM, then a local division by size()).
+/// bfloat16 and half are moved (all_gather, broadcast) as 2-byte words, but reduced in fp32:
+/// each rank widens its buffer into an fp32 scratch buffer, MPI reduces that with MPI_FLOAT,
+/// and the result is rounded back to the 2-byte type once. Cost of the 2-byte reductions: an
+/// fp32 scratch of n floats (all_reduce) or (size+1)*n_per_rank floats (reduce_scatter) per
+/// call, two conversion passes, and twice the bytes on the wire of a 2-byte reduction. The
+/// alternative, a user-defined MPI_Op on 2-byte words, halves the traffic but rounds to 16
+/// bits at every step of MPI's reduction tree (size-1 roundings that depend on the tree),
+/// which is what this library promises not to do.
+///
+/// Order. MPI chooses the reduction order (its algorithm depends on the size and the
+/// implementation), so unlike thread_comm the order is not rank order; MPI implementations
+/// give the same result on every rank and, for the same ranks, sizes and process layout, the
+/// same result every run. Results are exactly those of a rank-order reduction whenever the
+/// fp32 (fp64) sums involved are exact.
+///
+/// Threads. mpi_environment initialises MPI with MPI_THREAD_FUNNELED: call an mpi_comm from
+/// the main thread only. Non-blocking collectives progress inside MPI calls (test(), wait(),
+/// other collectives), so poll test() or call wait().
+///
+/// ```cpp
+/// trident::mpi_environment env(&argc, &argv);
+/// trident::mpi_comm comm;                         // a duplicate of MPI_COMM_WORLD
+/// std::vector<trident::bfloat16> g(n);
+/// auto req = comm.iall_reduce(g.data(), n, trident::reduce_op::average);
+/// // ... work that does not touch g ...
+/// req.wait();                                     // g holds the mean over ranks, rounded once
+/// ```
+
+#include <mpi.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "communicator.hpp"
+#include "mpi_types.hpp"
+
+namespace trident {
+
+namespace detail {
+
+inline MPI_Op mpi_op(reduce_op op) noexcept {
+  switch (op) {
+    case reduce_op::max: return MPI_MAX;
+    case reduce_op::min: return MPI_MIN;
+    case reduce_op::sum:
+    case reduce_op::average: break;
+  }
+  return MPI_SUM;
+}
+
+/// MPI counts are ints.
+inline int mpi_count(index_t n, const char* call) {
+  if (n > INT_MAX)
+    throw error(std::string("trident::mpi_comm::") + call + ": n = " + std::to_string(n) +
+                " exceeds MPI's int count limit " + std::to_string(INT_MAX) + "; split the buffer");
+  return static_cast<int>(n);
+}
+
+template <class T>
+constexpr bool is_two_byte_float = std::same_as<T, bfloat16> || std::same_as<T, half>;
+
+/// The division of `average`, in the type MPI reduced in, done locally after the sum.
+template <class A>
+void divide_by(A* data, std::size_t n, int size) noexcept {
+  if (size == 1) return;
+  const A d = static_cast<A>(size);
+  for (std::size_t i = 0; i < n; ++i) data[i] /= d;
+}
+
+}  // namespace detail
+
+/// The handle of an mpi_comm non-blocking collective (a comm_request): the MPI_Request, the
+/// fp32 scratch of a 2-byte reduction, and the step that finishes it (round back to 2 bytes,
+/// divide for average), run once on completion. A default-made request is complete.
+/// Destroying a request that is not complete waits for it.
+class mpi_request {
+ public:
+  /// A complete request.
+  mpi_request() noexcept = default;
+  /// Takes over the collective of `o` (which becomes complete).
+  mpi_request(mpi_request&& o) noexcept
+      : req_(std::exchange(o.req_, MPI_REQUEST_NULL)), scratch_(std::move(o.scratch_)), finish_(std::move(o.finish_)) {
+    o.finish_ = nullptr;
+  }
+  /// Waits for this request's collective, then takes over that of `o`.
+  mpi_request& operator=(mpi_request&& o) noexcept {
+    if (this != &o) {
+      wait_quietly();
+      req_ = std::exchange(o.req_, MPI_REQUEST_NULL);
+      scratch_ = std::move(o.scratch_);
+      finish_ = std::move(o.finish_);
+      o.finish_ = nullptr;
+    }
+    return *this;
+  }
+  mpi_request(const mpi_request&) = delete;
+  mpi_request& operator=(const mpi_request&) = delete;
+  ~mpi_request() { wait_quietly(); }
+
+  /// Blocks until the collective has completed and the output holds the result (MPI_Wait).
+  void wait() {
+    if (req_ != MPI_REQUEST_NULL) detail::check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait");
+    complete();
+  }
+
+  /// Whether the collective has completed (MPI_Test, which also drives MPI's progress); when it
+  /// has, the output holds the result.
+  bool test() {
+    if (req_ != MPI_REQUEST_NULL) {
+      int flag = 0;
+      detail::check_mpi(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE), "MPI_Test");
+      if (!flag) return false;
+    }
+    complete();
+    return true;
+  }
+
+  /// The underlying request (MPI_REQUEST_NULL once complete).
+  MPI_Request native() const noexcept { return req_; }
+
+ private:
+  friend class mpi_comm;
+
+  void complete() {
+    if (finish_) {
+      auto f = std::move(finish_);
+      finish_ = nullptr;
+      f();
+    }
+    scratch_.reset();
+  }
+
+  void wait_quietly() noexcept {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    try {
+      wait();
+    } catch (...) {
+    }
+  }
+
+  MPI_Request req_ = MPI_REQUEST_NULL;
+  std::unique_ptr<float[]> scratch_;  // fp32 staging of a 2-byte reduction (its address is stable)
+  std::function<void()> finish_;
+};
+
+/// A communicator over MPI (see the file header): a duplicate of an MPI communicator, with
+/// trident's collectives on it. Movable, not copyable; frees the duplicate on destruction
+/// (unless MPI is already finalised).
+class mpi_comm {
+ public:
+  /// What the non-blocking collectives return.
+  using request_type = mpi_request;
+
+  /// Duplicates `parent` (MPI must be initialised).
+  explicit mpi_comm(MPI_Comm parent = MPI_COMM_WORLD) {
+    int initialised = 0;
+    MPI_Initialized(&initialised);
+    if (!initialised) throw error("trident::mpi_comm: MPI is not initialised (make a trident::mpi_environment first)");
+    detail::check_mpi(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup");
+    detail::check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler");
+    detail::check_mpi(MPI_Comm_rank(comm_, &rank_), "MPI_Comm_rank");
+    detail::check_mpi(MPI_Comm_size(comm_, &size_), "MPI_Comm_size");
+  }
+  mpi_comm(const mpi_comm&) = delete;
+  mpi_comm& operator=(const mpi_comm&) = delete;
+  /// Takes over `o`'s communicator (`o` is left without one).
+  mpi_comm(mpi_comm&& o) noexcept
+      : comm_(std::exchange(o.comm_, MPI_COMM_NULL)), rank_(o.rank_), size_(o.size_) {}
+  /// Frees this communicator and takes over `o`'s.
+  mpi_comm& operator=(mpi_comm&& o) noexcept {
+    if (this != &o) {
+      free();
+      comm_ = std::exchange(o.comm_, MPI_COMM_NULL);
+      rank_ = o.rank_;
+      size_ = o.size_;
+    }
+    return *this;
+  }
+  ~mpi_comm() { free(); }
+
+  /// This process's rank in the communicator.
+  int rank() const noexcept { return rank_; }
+  /// The number of processes.
+  int size() const noexcept { return size_; }
+  /// The duplicated MPI communicator, for calls of one's own.
+  MPI_Comm native() const noexcept { return comm_; }
+
+  /// In place: every rank's data[0, n) becomes op over the ranks (2-byte types in fp32).
+  template <comm_element T>
+  void all_reduce(T* data, index_t n, reduce_op op) {
+    check_all_reduce(data, n, op);
+    const int count = detail::mpi_count(n, "all_reduce");
+    const auto len = static_cast<std::size_t>(n);
+    if constexpr (detail::is_two_byte_float<T>) {
+      auto scratch = std::make_unique_for_overwrite<float[]>(len);
+      detail::to_accumulator(data, scratch.get(), len);
+      detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, scratch.get(), count, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Allreduce");
+      if (op == reduce_op::average) detail::divide_by(scratch.get(), len, size_);
+      detail::from_accumulator(scratch.get(), data, len);
+    } else {
+      detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Allreduce");
+      if (op == reduce_op::average) detail::divide_by(data, len, size_);
+    }
+  }
+
+  /// out[0, n_per_rank) = op over ranks of their in[rank*n_per_rank, (rank+1)*n_per_rank).
+  /// `in` and `out` must not overlap.
+  template <comm_element T>
+  void reduce_scatter(const T* in, T* out, index_t n_per_rank, reduce_op op) {
+    check_reduce_scatter(in, out, n_per_rank, op);
+    const int count = detail::mpi_count(n_per_rank, "reduce_scatter");
+    const auto len = static_cast<std::size_t>(n_per_rank);
+    if constexpr (detail::is_two_byte_float<T>) {
+      const std::size_t total = len * static_cast<std::size_t>(size_);
+      auto scratch = std::make_unique_for_overwrite<float[]>(total + len);
+      detail::to_accumulator(in, scratch.get(), total);
+      detail::check_mpi(MPI_Reduce_scatter_block(scratch.get(), scratch.get() + total, count, MPI_FLOAT, detail::mpi_op(op), comm_),
+                        "MPI_Reduce_scatter_block");
+      if (op == reduce_op::average) detail::divide_by(scratch.get() + total, len, size_);
+      detail::from_accumulator(scratch.get() + total, out, len);
+    } else {
+      detail::check_mpi(MPI_Reduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter_block");
+      if (op == reduce_op::average) detail::divide_by(out, len, size_);
+    }
+  }
+
+  /// out[s*n_per_rank, (s+1)*n_per_rank) = rank s's in[0, n_per_rank). `in` may be this rank's
+  /// slot `out + rank*n_per_rank` (MPI_IN_PLACE); it may not overlap `out` otherwise.
+  template <comm_element T>
+  void all_gather(const T* in, T* out, index_t n_per_rank) {
+    check_all_gather(in, out, n_per_rank);
+    const int count = detail::mpi_count(n_per_rank, "all_gather");
+    const void* send = in_place_gather(in, out, n_per_rank) ? MPI_IN_PLACE : static_cast<const void*>(in);
+    detail::check_mpi(MPI_Allgather(send, count, mpi_type<T>(), out, count, mpi_type<T>(), comm_), "MPI_Allgather");
+  }
+
+  /// Every rank's data[0, n) becomes the root's.
+  template <comm_element T>
+  void broadcast(T* data, index_t n, int root) {
+    detail::check_count(n, "mpi_comm", "broadcast");
+    detail::check_buffer(data, n, "mpi_comm", "broadcast", "data");
+    detail::check_root(root, size_, "mpi_comm", "broadcast");
+    detail::check_mpi(MPI_Bcast(data, detail::mpi_count(n, "broadcast"), mpi_type<T>(), root, comm_), "MPI_Bcast");
+  }
+
+  /// Returns once every rank has called barrier().
+  void barrier() { detail::check_mpi(MPI_Barrier(comm_), "MPI_Barrier"); }
+
+  /// Starts all_reduce (MPI_Iallreduce). Arguments are checked now.
+  template <comm_element T>
+  mpi_request iall_reduce(T* data, index_t n, reduce_op op) {
+    check_all_reduce(data, n, op);
+    const int count = detail::mpi_count(n, "iall_reduce");
+    const auto len = static_cast<std::size_t>(n);
+    const int size = size_;
+    mpi_request r;
+    if constexpr (detail::is_two_byte_float<T>) {
+      r.scratch_ = std::make_unique_for_overwrite<float[]>(len);
+      float* s = r.scratch_.get();
+      detail::to_accumulator(data, s, len);
+      detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, s, count, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_), "MPI_Iallreduce");
+      r.finish_ = [s, data, len, op, size] {
+        if (op == reduce_op::average) detail::divide_by(s, len, size);
+        detail::from_accumulator(s, data, len);
+      };
+    } else {
+      detail::check_mpi(MPI_Iallreduce(MPI_IN_PLACE, data, count, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_), "MPI_Iallreduce");
+      if (op == reduce_op::average) r.finish_ = [data, len, size] { detail::divide_by(data, len, size); };
+    }
+    return r;
+  }
+
+  /// Starts reduce_scatter (MPI_Ireduce_scatter_block). Arguments are checked now.
+  template <comm_element T>
+  mpi_request ireduce_scatter(const T* in, T* out, index_t n_per_rank, reduce_op op) {
+    check_reduce_scatter(in, out, n_per_rank, op);
+    const int count = detail::mpi_count(n_per_rank, "ireduce_scatter");
+    const auto len = static_cast<std::size_t>(n_per_rank);
+    const int size = size_;
+    mpi_request r;
+    if constexpr (detail::is_two_byte_float<T>) {
+      const std::size_t total = len * static_cast<std::size_t>(size_);
+      r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
+      float* s = r.scratch_.get();
+      detail::to_accumulator(in, s, total);
+      detail::check_mpi(MPI_Ireduce_scatter_block(s, s + total, count, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_),
+                        "MPI_Ireduce_scatter_block");
+      r.finish_ = [res = s + total, out, len, op, size] {
+        if (op == reduce_op::average) detail::divide_by(res, len, size);
+        detail::from_accumulator(res, out, len);
+      };
+    } else {
+      detail::check_mpi(MPI_Ireduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_),
+                        "MPI_Ireduce_scatter_block");
+      if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
+    }
+    return r;
+  }
+
+  /// Starts all_gather (MPI_Iallgather). Arguments are checked now.
+  template <comm_element T>
+  mpi_request iall_gather(const T* in, T* out, index_t n_per_rank) {
+    check_all_gather(in, out, n_per_rank);
+    const int count = detail::mpi_count(n_per_rank, "iall_gather");
+    const void* send = in_place_gather(in, out, n_per_rank) ? MPI_IN_PLACE : static_cast<const void*>(in);
+    mpi_request r;
+    detail::check_mpi(MPI_Iallgather(send, count, mpi_type<T>(), out, count, mpi_type<T>(), comm_, &r.req_), "MPI_Iallgather");
+    return r;
+  }
+
+ private:
+  void free() noexcept {
+    if (comm_ == MPI_COMM_NULL) return;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&comm_);
+    comm_ = MPI_COMM_NULL;
+  }
+
+  template <class T>
+  void check_all_reduce(const T* data, index_t n, reduce_op op) const {
+    detail::check_count(n, "mpi_comm", "all_reduce");
+    detail::check_buffer(data, n, "mpi_comm", "all_reduce", "data");
+    detail::check_op(op, "mpi_comm", "all_reduce");
+  }
+  template <class T>
+  void check_reduce_scatter(const T* in, const T* out, index_t n, reduce_op op) const {
+    detail::check_count(n, "mpi_comm", "reduce_scatter", "n_per_rank");
+    detail::check_total(n, size_, "mpi_comm", "reduce_scatter");
+    detail::check_buffer(in, n, "mpi_comm", "reduce_scatter", "in");
+    detail::check_buffer(out, n, "mpi_comm", "reduce_scatter", "out");
+    detail::check_op(op, "mpi_comm", "reduce_scatter");
+    detail::check_disjoint_scatter(in, out, n, size_, "mpi_comm", "reduce_scatter");
+  }
+  template <class T>
+  void check_all_gather(const T* in, const T* out, index_t n) const {
+    detail::check_count(n, "mpi_comm", "all_gather", "n_per_rank");
+    detail::check_total(n, size_, "mpi_comm", "all_gather");
+    detail::check_buffer(in, n, "mpi_comm", "all_gather", "in");
+    detail::check_buffer(out, n, "mpi_comm", "all_gather", "out");
+    detail::check_disjoint_gather(in, out, n, rank_, size_, "mpi_comm", "all_gather");
+  }
+  template <class T>
+  bool in_place_gather(const T* in, const T* out, index_t n) const noexcept {
+    return n > 0 && in == out + static_cast<std::size_t>(rank_) * static_cast<std::size_t>(n);
+  }
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+static_assert(comm_request<mpi_request>);
+static_assert(communicator<mpi_comm>);
+
+}  // namespace trident
