@@ -11,6 +11,7 @@
 
 #include <trident/trident.hpp>
 #include <trident/optim/optim.hpp>
+#include <trident/parallel/thread_comm.hpp>
 
 using namespace trident;
 
@@ -496,4 +497,99 @@ TEST_CASE_TEMPLATE("optim: zeroing gradients inside the step equals step then ze
   CHECK(run(adamw, true) == run(adamw, false));
   CHECK(run(adagrad, true) == run(adagrad, false));
   CHECK(run(lamb, true) == run(lamb, false));
+}
+
+namespace {
+
+/// Steps `steps` times the whole store of one fixture with `make()`, and the same store of a
+/// second fixture cut into `cuts.size() - 1` shards, each stepped by its own optimizer on its
+/// own rank thread with gradients and master in memory of its own (as a ZeRO rank holds
+/// them); LAMB's per-tensor norms are summed across the ranks. Masters must agree to float
+/// rounding, params must be the rounded master, and state must cover the shard only.
+template <class P, class Make>
+void check_shards(Make make, const std::vector<index_t>& cut_fractions, const char* what, double rel = 1e-6) {
+  using G = typename P::gradient_type;
+  using S = typename P::storage_type;
+  fixture<P> whole, sharded;
+  auto opt = make();
+  const index_t n = whole.store.size();
+  std::vector<index_t> cuts;
+  for (index_t c : cut_fractions) cuts.push_back(c < 0 ? n : std::min(c, n));
+  const int ranks = static_cast<int>(cuts.size()) - 1;
+  // each rank's master copy, taken once from the store (as a ZeRO rank takes its partition)
+  std::vector<std::vector<float>> master(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    for (index_t i = cuts[static_cast<std::size_t>(r)]; i < cuts[static_cast<std::size_t>(r) + 1]; ++i) {
+      master[static_cast<std::size_t>(r)].push_back(sharded.store.master().data()[i]);
+    }
+  }
+  const int steps = 4;
+  std::vector<std::vector<std::vector<G>>> grads(static_cast<std::size_t>(steps) + 1);
+  for (int t = 1; t <= steps; ++t) {
+    whole.set_grads(t, 1024.0);
+    opt.step(whole.store, 1.0 / 1024.0);
+    sharded.set_grads(t, 1024.0);
+    for (int r = 0; r < ranks; ++r) {
+      const G* g = sharded.store.grads().data();
+      grads[static_cast<std::size_t>(t)].emplace_back(g + cuts[static_cast<std::size_t>(r)], g + cuts[static_cast<std::size_t>(r) + 1]);
+    }
+  }
+  run_ranks(ranks, [&](thread_comm& comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    auto o = make();
+    for (int t = 1; t <= steps; ++t) {
+      optim::flat_shard<P> sh{cuts[r], cuts[r + 1], grads[static_cast<std::size_t>(t)][r].data(), master[r].data(),
+                              sharded.store.params().data() + cuts[r],
+                              [&](double* x, index_t k) { comm.all_reduce(x, k, reduce_op::sum); }};
+      if constexpr (std::is_same_v<S, float>) sh.master = sharded.store.params().data() + cuts[r];  // fp32: params are the master
+      o.step(sharded.store, sh, 1.0 / 1024.0);
+    }
+    CHECK(o.bound_range() == std::pair<index_t, index_t>{cuts[r], cuts[r + 1]});
+    for (const auto& st : o.state_tensors()) CHECK(st.values.numel() == cuts[r + 1] - cuts[r]);
+    CHECK(o.step_count() == steps);
+  });
+  double worst = 0;
+  for (int r = 0; r < ranks; ++r) {
+    for (index_t i = cuts[static_cast<std::size_t>(r)]; i < cuts[static_cast<std::size_t>(r) + 1]; ++i) {
+      const double want = whole.store.master().data()[i];
+      const float m = std::is_same_v<S, float> ? static_cast<float>(sharded.store.params().data()[i])
+                                                : master[static_cast<std::size_t>(r)][static_cast<std::size_t>(i - cuts[static_cast<std::size_t>(r)])];
+      worst = std::max(worst, std::fabs(m - want) / (1e-7 + rel * std::fabs(want)));
+      if constexpr (!std::is_same_v<S, float>) REQUIRE(sharded.store.params().data()[i].bits == S(m).bits);
+    }
+  }
+  INFO(what);
+  CHECK(worst <= 1.0);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("optim: every optimizer steps disjoint shards of the flat buffers as it steps the whole store", P, OPTIM_POLICIES) {
+  // cuts inside tensors, unaligned, an empty shard, and one shard being everything
+  for (const auto& cuts : std::vector<std::vector<index_t>>{{0, 21, 70, -1}, {0, 64, 64, -1}, {0, -1}}) {
+    check_shards<P>([] { return optim::adamw({.lr = 1e-2, .weight_decay = 0.1}); }, cuts, "adamw");
+    check_shards<P>([] { return optim::adam({.lr = 1e-2, .weight_decay = 0.1}); }, cuts, "adam");
+    check_shards<P>([] { return optim::sgd({.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01, .nesterov = true}); }, cuts, "sgd");
+    check_shards<P>([] { return optim::sgd({.lr = 0.1}); }, cuts, "sgd without momentum");
+    check_shards<P>([] { return optim::adagrad({.lr = 0.1, .lr_decay = 0.01, .initial_accumulator_value = 0.1}); }, cuts, "adagrad");
+    check_shards<P>([] { return optim::lamb({.lr = 1e-2, .weight_decay = 0.01}); }, cuts, "lamb");
+  }
+}
+
+TEST_CASE("optim: a shard outside the store, without buffers, or a second range is refused") {
+  using P = policy<bf16_mixed, cpu>;
+  fixture<P> f;
+  optim::adamw opt;
+  std::vector<float> master(static_cast<std::size_t>(f.store.size()));
+  const index_t n = f.store.size();
+  using E = trident::error;
+  CHECK_THROWS_WITH_AS(opt.step(f.store, optim::flat_shard<P>{0, n + 1, f.store.grads().data(), master.data(), f.store.params().data()}),
+                       doctest::Contains("not inside the store"), E);
+  CHECK_THROWS_WITH_AS(opt.step(f.store, optim::flat_shard<P>{0, 16, nullptr, master.data(), f.store.params().data()}),
+                       doctest::Contains("lacks its gradients"), E);
+  opt.step(f.store, optim::flat_shard<P>{0, 16, f.store.grads().data(), master.data(), f.store.params().data()});
+  CHECK(opt.state_bytes() == 2 * 16 * sizeof(float));
+  CHECK_THROWS_WITH_AS(opt.step(f.store, optim::flat_shard<P>{16, 32, f.store.grads().data() + 16, master.data(), f.store.params().data() + 16}),
+                       doctest::Contains("covers flat elements [0, 16)"), E);
+  CHECK_THROWS_WITH_AS(opt.step(f.store), doctest::Contains(("cannot step [0, " + std::to_string(n) + ")").c_str()), E);
 }

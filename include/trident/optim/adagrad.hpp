@@ -79,26 +79,15 @@ class adagrad : public optimizer_base {
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
     bind(store);
-    ++step_;
-    std::vector<detail::adagrad_constants> k(groups_.size());
-    for (std::size_t g = 0; g < groups_.size(); ++g) {
-      const double lr = lr_ * groups_[g].lr_scale;
-      k[g] = {static_cast<float>(lr / (1.0 + static_cast<double>(step_ - 1) * opts_.lr_decay)),
-              static_cast<float>(group_weight_decay(g, opts_.weight_decay)), static_cast<float>(opts_.eps)};
-    }
-    float* sum = state_data(0);
-    float* master = store.master().data();
-    const float scale = static_cast<float>(grad_scale);
-    detail::fused_pass<true, true>(segs_, size_, store.grads().data(), master, store.params().data(),
-                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
-                                     const auto& c = k[static_cast<std::size_t>(s.group)];
-                                     if (c.wd != 0.0f) {
-                                       detail::adagrad_kernel<true>(g, master + i, sum + i, n, scale, c);
-                                     } else {
-                                       detail::adagrad_kernel<false>(g, master + i, sum + i, n, scale, c);
-                                     }
-                                   },
-                                   grads_to_clear(store.grads().data()));
+    run(detail::whole_store(store), grad_scale, grads_to_clear(store.grads().data()));
+  }
+
+  /// One optimizer step on the flat range of `shard` only (a ZeRO partition; see optimizer.hpp).
+  template <policy_bundle P>
+  void step(nn::parameter_store<P>& store, const flat_shard<P>& shard, double grad_scale = 1.0) {
+    check_grad_scale(grad_scale);
+    bind_shard(store, shard);
+    run(shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
   options hyperparameters() const {
@@ -114,6 +103,29 @@ class adagrad : public optimizer_base {
   }
 
  private:
+  template <class P>
+  void run(const flat_shard<P>& shard, double grad_scale, typename P::gradient_type* clear) {
+    ++step_;
+    std::vector<detail::adagrad_constants> k(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const double lr = lr_ * groups_[g].lr_scale;
+      k[g] = {static_cast<float>(lr / (1.0 + static_cast<double>(step_ - 1) * opts_.lr_decay)),
+              static_cast<float>(group_weight_decay(g, opts_.weight_decay)), static_cast<float>(opts_.eps)};
+    }
+    float* sum = state_data(0);
+    float* master = shard.master;
+    const float scale = static_cast<float>(grad_scale);
+    detail::fused_pass<true, true>(segs_, shard.begin, shard.end, shard.grads, master, shard.params,
+                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
+                                     const auto& c = k[static_cast<std::size_t>(s.group)];
+                                     if (c.wd != 0.0f) {
+                                       detail::adagrad_kernel<true>(g, master + i, sum + i, n, scale, c);
+                                     } else {
+                                       detail::adagrad_kernel<false>(g, master + i, sum + i, n, scale, c);
+                                     }
+                                   },
+                                   clear);
+  }
   void allocate_state() override { add_state("sum", opts_.initial_accumulator_value); }
 
   options opts_;

@@ -106,32 +106,15 @@ class basic_adam : public optimizer_base {
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
     bind(store);
-    ++step_;
-    const double t = static_cast<double>(step_);
-    const double bc1 = 1.0 - std::pow(opts_.beta1, t);
-    const double bc2 = 1.0 - std::pow(opts_.beta2, t);
-    std::vector<detail::adam_constants> k(groups_.size());
-    for (std::size_t g = 0; g < groups_.size(); ++g) {
-      const double lr = lr_ * groups_[g].lr_scale;
-      const double wd = group_weight_decay(g, opts_.weight_decay);
-      k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
-              static_cast<float>(1.0 - opts_.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
-              static_cast<float>(opts_.eps), static_cast<float>(wd), static_cast<float>(1.0 - lr * wd)};
-    }
-    float* m = state_data(0);
-    float* v = state_data(1);
-    float* master = store.master().data();
-    const float scale = static_cast<float>(grad_scale);
-    detail::fused_pass<true, true>(segs_, size_, store.grads().data(), master, store.params().data(),
-                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
-                                     const auto& c = k[static_cast<std::size_t>(s.group)];
-                                     if (Decoupled || c.wd == 0.0f) {
-                                       detail::adam_kernel<Decoupled, false>(g, master + i, m + i, v + i, n, scale, c);
-                                     } else {
-                                       detail::adam_kernel<Decoupled, true>(g, master + i, m + i, v + i, n, scale, c);
-                                     }
-                                   },
-                                   grads_to_clear(store.grads().data()));
+    run(store, detail::whole_store(store), grad_scale, grads_to_clear(store.grads().data()));
+  }
+
+  /// One optimizer step on the flat range of `shard` only (a ZeRO partition; see optimizer.hpp).
+  template <policy_bundle P>
+  void step(nn::parameter_store<P>& store, const flat_shard<P>& shard, double grad_scale = 1.0) {
+    check_grad_scale(grad_scale);
+    bind_shard(store, shard);
+    run(store, shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
   /// The hyperparameters (lr as now set).
@@ -157,6 +140,35 @@ class basic_adam : public optimizer_base {
   double eps() const noexcept { return opts_.eps; }
 
  private:
+  template <policy_bundle P>
+  void run(nn::parameter_store<P>&, const flat_shard<P>& shard, double grad_scale, typename P::gradient_type* clear) {
+    ++step_;
+    const double t = static_cast<double>(step_);
+    const double bc1 = 1.0 - std::pow(opts_.beta1, t);
+    const double bc2 = 1.0 - std::pow(opts_.beta2, t);
+    std::vector<detail::adam_constants> k(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const double lr = lr_ * groups_[g].lr_scale;
+      const double wd = group_weight_decay(g, opts_.weight_decay);
+      k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
+              static_cast<float>(1.0 - opts_.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
+              static_cast<float>(opts_.eps), static_cast<float>(wd), static_cast<float>(1.0 - lr * wd)};
+    }
+    float* m = state_data(0);
+    float* v = state_data(1);
+    float* master = shard.master;
+    const float scale = static_cast<float>(grad_scale);
+    detail::fused_pass<true, true>(segs_, shard.begin, shard.end, shard.grads, master, shard.params,
+                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
+                                     const auto& c = k[static_cast<std::size_t>(s.group)];
+                                     if (Decoupled || c.wd == 0.0f) {
+                                       detail::adam_kernel<Decoupled, false>(g, master + i, m + i, v + i, n, scale, c);
+                                     } else {
+                                       detail::adam_kernel<Decoupled, true>(g, master + i, m + i, v + i, n, scale, c);
+                                     }
+                                   },
+                                   clear);
+  }
   void allocate_state() override {
     add_state("exp_avg");
     add_state("exp_avg_sq");

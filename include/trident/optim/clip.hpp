@@ -34,16 +34,12 @@ struct grad_norm_result {
   bool finite = true;  ///< false when any gradient is inf or NaN (an fp16 overflow)
 };
 
-/// One pass over the gradients: their global L2 norm (double accumulation, deterministic for a
-/// given thread count) and whether all are finite. The norm is of the gradients as stored
-/// (under loss scaling: of the scaled gradients; divide by the scale).
-template <policy_bundle P>
-grad_norm_result grad_norm(nn::parameter_store<P>& store) {
-  static_assert(std::is_same_v<typename P::device, cpu>, "trident::optim::grad_norm: runs on the cpu device");
-  if (!store.allocated()) throw error("optim::grad_norm: the parameter store is not allocated (call allocate() first)");
-  using G = typename P::gradient_type;
-  const G* grads = store.grads().data();
-  const index_t n = store.size();
+/// Σ g² over g[0, n) (gradients of type G, widened to float), accumulated in double; one
+/// pass, threads splitting the range and their sums added in chunk order (deterministic for a
+/// given thread count). Infinite or NaN exactly when some g is: a float's square cannot
+/// overflow a double, nor can a sum of 2^63 of them.
+template <class G>
+double sum_of_squares(const G* grads, index_t n) {
   const int chunks = cpu_kernels::chunk_count(n, detail::min_chunk_elements);
   std::vector<double> partial(static_cast<std::size_t>(chunks), 0.0);
   cpu_kernels::parallel_chunks(n, detail::min_chunk_elements, detail::chunk_align_elements, [&](index_t b, index_t e, int chunk) {
@@ -73,8 +69,17 @@ grad_norm_result grad_norm(nn::parameter_store<P>& store) {
   });
   double sum = 0;
   for (double s : partial) sum += s;
-  // A float's square cannot overflow a double, nor can a sum of 2^63 of them: the sum is
-  // finite exactly when every gradient is.
+  return sum;
+}
+
+/// One pass over the gradients: their global L2 norm (double accumulation, deterministic for a
+/// given thread count) and whether all are finite. The norm is of the gradients as stored
+/// (under loss scaling: of the scaled gradients; divide by the scale).
+template <policy_bundle P>
+grad_norm_result grad_norm(nn::parameter_store<P>& store) {
+  static_assert(std::is_same_v<typename P::device, cpu>, "trident::optim::grad_norm: runs on the cpu device");
+  if (!store.allocated()) throw error("optim::grad_norm: the parameter store is not allocated (call allocate() first)");
+  const double sum = sum_of_squares(store.grads().data(), store.size());
   return {std::sqrt(sum), std::isfinite(sum)};
 }
 
@@ -90,29 +95,39 @@ inline double clip_factor(double norm, double max_norm) {
   return std::min(1.0, max_norm / (norm + 1e-6));
 }
 
+/// The index (in declaration order) of the first tensor of `store` with a non-finite value
+/// in the flat range [begin, end), read from `grads`, which holds that range (grads[k] is flat
+/// element begin + k: the store's own buffer offset by begin, or a rank's gradient shard);
+/// -1 when every value is finite.
+template <policy_bundle P>
+int first_nonfinite_tensor(const nn::parameter_store<P>& store, const typename P::gradient_type* grads, index_t begin, index_t end) {
+  using G = typename P::gradient_type;
+  const auto& infos = store.infos();
+  for (std::size_t t = 0; t < infos.size(); ++t) {
+    const index_t lo = std::max(begin, infos[t].offset), hi = std::min(end, infos[t].offset + infos[t].numel());
+    for (index_t i = lo; i < hi; ++i) {
+      const G x = grads[i - begin];
+      bool bad;
+      if constexpr (std::is_same_v<G, float> || std::is_same_v<G, double>) {
+        bad = !std::isfinite(x);
+      } else {
+        using trident::isfinite;
+        bad = !isfinite(x);
+      }
+      if (bad) return static_cast<int>(t);
+    }
+  }
+  return -1;
+}
+
 /// The name of the first tensor (in declaration order) with a non-finite gradient, or "" when
 /// every gradient is finite. For error messages after grad_norm() reported an overflow.
 template <policy_bundle P>
 std::string first_nonfinite(nn::parameter_store<P>& store) {
   static_assert(std::is_same_v<typename P::device, cpu>, "trident::optim::first_nonfinite: runs on the cpu device");
   if (!store.allocated()) throw error("optim::first_nonfinite: the parameter store is not allocated (call allocate() first)");
-  using G = typename P::gradient_type;
-  const G* grads = store.grads().data();
-  for (const auto& info : store.infos()) {
-    const G* g = grads + info.offset;
-    const index_t n = info.numel();
-    bool bad = false;
-    for (index_t i = 0; i < n && !bad; ++i) {
-      if constexpr (std::is_same_v<G, float>) {
-        bad = !std::isfinite(g[i]);
-      } else {
-        using trident::isfinite;
-        bad = !isfinite(g[i]);
-      }
-    }
-    if (bad) return info.name;
-  }
-  return {};
+  const int t = first_nonfinite_tensor(store, store.grads().data(), 0, store.size());
+  return t < 0 ? std::string() : store.infos()[static_cast<std::size_t>(t)].name;
 }
 
 }  // namespace trident::optim

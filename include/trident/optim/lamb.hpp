@@ -135,61 +135,17 @@ class lamb : public optimizer_base {
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
     bind(store);
-    ++step_;
-    const double t = static_cast<double>(step_);
-    // DeepSpeed computes the step size in float from float bias corrections; double here.
-    const double correction =
-        opts_.bias_correction ? std::sqrt(1.0 - std::pow(opts_.beta2, t)) / (1.0 - std::pow(opts_.beta1, t)) : 1.0;
-    std::vector<detail::lamb_constants> k(groups_.size());
-    for (std::size_t g = 0; g < groups_.size(); ++g) {
-      k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
-              static_cast<float>(1.0 - opts_.beta2), static_cast<float>(opts_.eps),
-              static_cast<float>(group_weight_decay(g, opts_.weight_decay))};
-    }
-    float* m = state_data(0);
-    float* v = state_data(1);
-    float* master = store.master().data();
-    const float scale = static_cast<float>(grad_scale);
-    const std::size_t tensors = segs_.size();
-    const int chunks = cpu_kernels::chunk_count(size_, detail::min_chunk_elements);
-    // per chunk (thread), per tensor: ‖θ‖², ‖u‖²; merged in chunk order, so deterministic
-    std::vector<double> partial(static_cast<std::size_t>(chunks) * tensors * 2, 0.0);
-    const bool inside = opts_.eps_inside_sqrt;
-    detail::fused_pass<true, false>(
-        segs_, size_, store.grads().data(), master, store.params().data(),
-        [&](const detail::segment& s, index_t i, index_t n, const float* g, int chunk) {
-          const auto& c = k[static_cast<std::size_t>(s.group)];
-          double* acc = &partial[(static_cast<std::size_t>(chunk) * tensors + static_cast<std::size_t>(s.tensor)) * 2];
-          if (inside) {
-            detail::lamb_moments<true>(g, master + i, m + i, v + i, n, scale, c, acc[0], acc[1]);
-          } else {
-            detail::lamb_moments<false>(g, master + i, m + i, v + i, n, scale, c, acc[0], acc[1]);
-          }
-        },
-        grads_to_clear(store.grads().data()));
-    ratios_.assign(tensors, 1.0);
-    std::vector<float> steps(tensors);
-    for (std::size_t tn = 0; tn < tensors; ++tn) {
-      double w2 = 0, u2 = 0;
-      for (int ch = 0; ch < chunks; ++ch) {
-        w2 += partial[(static_cast<std::size_t>(ch) * tensors + tn) * 2];
-        u2 += partial[(static_cast<std::size_t>(ch) * tensors + tn) * 2 + 1];
-      }
-      const double w = std::sqrt(w2), u = std::sqrt(u2);
-      if (w != 0 && u != 0) ratios_[tn] = std::clamp(w / u, opts_.min_coeff, opts_.max_coeff);
-      const double lr = lr_ * groups_[static_cast<std::size_t>(segs_[tn].group)].lr_scale;
-      steps[tn] = static_cast<float>(lr * correction) * static_cast<float>(ratios_[tn]);
-    }
-    detail::fused_pass<false, true>(segs_, size_, store.grads().data(), master, store.params().data(),
-                                    [&](const detail::segment& s, index_t i, index_t n, const float*, int) {
-                                      const auto& c = k[static_cast<std::size_t>(s.group)];
-                                      const float st = steps[static_cast<std::size_t>(s.tensor)];
-                                      if (inside) {
-                                        detail::lamb_apply<true>(master + i, m + i, v + i, n, st, c);
-                                      } else {
-                                        detail::lamb_apply<false>(master + i, m + i, v + i, n, st, c);
-                                      }
-                                    });
+    run(detail::whole_store(store), grad_scale, grads_to_clear(store.grads().data()));
+  }
+
+  /// One optimizer step on the flat range of `shard` only (a ZeRO partition; see optimizer.hpp).
+  /// Every rank holding a shard of the store must call it in the same step: the per-tensor
+  /// norms of the trust ratios are summed across ranks through shard.sum_across_ranks.
+  template <policy_bundle P>
+  void step(nn::parameter_store<P>& store, const flat_shard<P>& shard, double grad_scale = 1.0) {
+    check_grad_scale(grad_scale);
+    bind_shard(store, shard);
+    run(shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
   /// The trust ratio of each tensor at the last step (DeepSpeed's get_lamb_coeffs()).
@@ -216,6 +172,68 @@ class lamb : public optimizer_base {
   }
 
  private:
+  template <class P>
+  void run(const flat_shard<P>& shard, double grad_scale, typename P::gradient_type* clear) {
+    ++step_;
+    const double t = static_cast<double>(step_);
+    // DeepSpeed computes the step size in float from float bias corrections; double here.
+    const double correction =
+        opts_.bias_correction ? std::sqrt(1.0 - std::pow(opts_.beta2, t)) / (1.0 - std::pow(opts_.beta1, t)) : 1.0;
+    std::vector<detail::lamb_constants> k(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
+              static_cast<float>(1.0 - opts_.beta2), static_cast<float>(opts_.eps),
+              static_cast<float>(group_weight_decay(g, opts_.weight_decay))};
+    }
+    float* m = state_data(0);
+    float* v = state_data(1);
+    float* master = shard.master;
+    const float scale = static_cast<float>(grad_scale);
+    const std::size_t tensors = segs_.size();
+    const int chunks = cpu_kernels::chunk_count(shard.size(), detail::min_chunk_elements);
+    // per chunk (thread), per tensor: ‖θ‖², ‖u‖²; merged in chunk order, so deterministic
+    std::vector<double> partial(static_cast<std::size_t>(chunks) * tensors * 2, 0.0);
+    const bool inside = opts_.eps_inside_sqrt;
+    detail::fused_pass<true, false>(
+        segs_, shard.begin, shard.end, shard.grads, master, shard.params,
+        [&](const detail::segment& s, index_t i, index_t n, const float* g, int chunk) {
+          const auto& c = k[static_cast<std::size_t>(s.group)];
+          double* acc = &partial[(static_cast<std::size_t>(chunk) * tensors + static_cast<std::size_t>(s.tensor)) * 2];
+          if (inside) {
+            detail::lamb_moments<true>(g, master + i, m + i, v + i, n, scale, c, acc[0], acc[1]);
+          } else {
+            detail::lamb_moments<false>(g, master + i, m + i, v + i, n, scale, c, acc[0], acc[1]);
+          }
+        },
+        clear);
+    // per tensor: ‖θ‖², ‖u‖² over this range (chunks merged in order), then over every rank's range
+    std::vector<double> norms(tensors * 2, 0.0);
+    for (std::size_t tn = 0; tn < tensors; ++tn) {
+      for (int ch = 0; ch < chunks; ++ch) {
+        norms[tn * 2] += partial[(static_cast<std::size_t>(ch) * tensors + tn) * 2];
+        norms[tn * 2 + 1] += partial[(static_cast<std::size_t>(ch) * tensors + tn) * 2 + 1];
+      }
+    }
+    if (shard.sum_across_ranks) shard.sum_across_ranks(norms.data(), static_cast<index_t>(norms.size()));
+    ratios_.assign(tensors, 1.0);
+    std::vector<float> steps(tensors);
+    for (std::size_t tn = 0; tn < tensors; ++tn) {
+      const double w = std::sqrt(norms[tn * 2]), u = std::sqrt(norms[tn * 2 + 1]);
+      if (w != 0 && u != 0) ratios_[tn] = std::clamp(w / u, opts_.min_coeff, opts_.max_coeff);
+      const double lr = lr_ * groups_[static_cast<std::size_t>(segs_[tn].group)].lr_scale;
+      steps[tn] = static_cast<float>(lr * correction) * static_cast<float>(ratios_[tn]);
+    }
+    detail::fused_pass<false, true>(segs_, shard.begin, shard.end, shard.grads, master, shard.params,
+                                    [&](const detail::segment& s, index_t i, index_t n, const float*, int) {
+                                      const auto& c = k[static_cast<std::size_t>(s.group)];
+                                      const float st = steps[static_cast<std::size_t>(s.tensor)];
+                                      if (inside) {
+                                        detail::lamb_apply<true>(master + i, m + i, v + i, n, st, c);
+                                      } else {
+                                        detail::lamb_apply<false>(master + i, m + i, v + i, n, st, c);
+                                      }
+                                    });
+  }
   void allocate_state() override {
     add_state("exp_avg");
     add_state("exp_avg_sq");

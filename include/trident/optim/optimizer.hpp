@@ -21,6 +21,16 @@
 /// call store.zero_grad() at the accumulation boundary (and scale the loss or the grad_scale
 /// by 1/accumulation_steps if the accumulated gradient should be a mean).
 ///
+/// Partitioned steps (ZeRO): every optimizer also steps a contiguous range [begin, end) of the
+/// flat buffers alone, given as a flat_shard: that range's gradients, fp32 master and params,
+/// each in memory of its own (a rank's reduced gradient shard, its master partition, its slice
+/// of the full params). The state is then allocated for the range only (state element k
+/// belongs to flat element begin + k, and state_tensors() are range-sized), so N ranks
+/// stepping N disjoint ranges hold 1/N of the state each. The update of each element is the
+/// same arithmetic as in the whole-store step; LAMB, whose trust ratio needs per-tensor norms
+/// over the whole tensor, adds up its partial norms across ranks through the shard's
+/// sum_across_ranks. An optimizer is bound to one range for its lifetime.
+///
 /// Parameter groups: by default two, from parameter_info::weight_decay: "decay" (the
 /// optimizer's weight_decay) and "no_decay" (weight decay 0: biases, norms). Custom groups
 /// (group_spec) take the tensors their predicate selects, first match wins, with their own lr
@@ -86,6 +96,26 @@ struct state_tensor {
   tensor_view<float, cpu> values;
 };
 
+/// The partition of a store's flat buffers that one step updates (ZeRO: this rank's), and the
+/// memory holding it. Pointers address flat element `begin` (element k is flat element
+/// begin + k); `master` and `params` may be the same memory (fp32, where the params are the
+/// master). A step on a shard never clears gradients (they are a reduced copy, not the store's).
+/// @tparam Policy the policy bundle of the store the shard is of
+template <policy_bundle Policy>
+struct flat_shard {
+  index_t begin = 0;  ///< first flat element of the range
+  index_t end = 0;    ///< one past the last
+  const typename Policy::gradient_type* grads = nullptr;  ///< the range's gradients (e.g. reduce-scattered)
+  float* master = nullptr;                               ///< the range's fp32 master weights, updated in place
+  typename Policy::storage_type* params = nullptr;       ///< receives the master rounded to the storage type
+  /// Sums `n` doubles element-wise over every rank stepping a shard of the same store (an
+  /// all-reduce); empty for a single shard. LAMB calls it once per step with its per-tensor
+  /// partial norms; the other optimizers never call it.
+  std::function<void(double*, index_t)> sum_across_ranks{};
+  /// Elements in the range.
+  index_t size() const noexcept { return end - begin; }
+};
+
 namespace detail {
 
 /// The flat range of one tensor (with the padding up to the next one) and its group.
@@ -109,39 +139,50 @@ inline constexpr index_t min_chunk_elements = index_t{1} << 15;
 /// Chunk boundaries are multiples of this: 64-byte aligned in every buffer (half and float).
 inline constexpr index_t chunk_align_elements = 64;
 
-/// Runs body(segment, first, count, g) over [0, n) in blocks, threads splitting the range.
-/// `g` points at `count` gradients as float (widened from G when G is not float; nullptr when
-/// ReadGrads is false). After each block, with WriteParams and a separate master, the block of
-/// master is rounded into the params buffer; with `clear` (the gradients, writable), the
-/// block of gradients is zeroed while it is still in cache.
+/// Runs body(segment, k, count, g, chunk) over the flat range [begin, end) in blocks, threads
+/// splitting the range. `grads`, `master`, `params` and `clear` address flat element `begin`,
+/// and k is the block's index relative to it (flat element begin + k), as is the state of an
+/// optimizer bound to that range. `g` points at `count` gradients as float (widened from G
+/// when G is not float; nullptr when ReadGrads is false). After each block, with WriteParams
+/// and a separate master, the block of master is rounded into the params buffer; with
+/// `clear` (the gradients, writable), the block of gradients is zeroed while it is still in cache.
 template <bool ReadGrads, bool WriteParams, class G, class S, class Body>
-void fused_pass(const std::vector<segment>& segs, index_t n, const G* grads, const float* master, S* params,
+void fused_pass(const std::vector<segment>& segs, index_t begin, index_t end, const G* grads, const float* master, S* params,
                 Body&& body, G* clear = nullptr) {
-  cpu_kernels::parallel_chunks(n, min_chunk_elements, chunk_align_elements, [&](index_t b, index_t e, int chunk) {
+  cpu_kernels::parallel_chunks(end - begin, min_chunk_elements, chunk_align_elements, [&](index_t lb, index_t le, int chunk) {
     alignas(64) float gbuf[block_elements];
+    const index_t b = begin + lb, e = begin + le;
     // first segment that ends after b
     auto it = std::upper_bound(segs.begin(), segs.end(), b, [](index_t v, const segment& s) { return v < s.end; });
     for (; it != segs.end() && it->begin < e; ++it) {
       const index_t lo = std::max(b, it->begin), hi = std::min(e, it->end);
       for (index_t i = lo; i < hi; i += block_elements) {
         const index_t m = std::min(block_elements, hi - i);
+        const index_t k = i - begin;
         const float* g = nullptr;
         if constexpr (ReadGrads) {
           if constexpr (std::is_same_v<G, float>) {
-            g = grads + i;
+            g = grads + k;
           } else {
-            simd::convert(grads + i, gbuf, static_cast<std::size_t>(m));
+            simd::convert(grads + k, gbuf, static_cast<std::size_t>(m));
             g = gbuf;
           }
         }
-        body(*it, i, m, g, chunk);
-        if (clear != nullptr) std::memset(static_cast<void*>(clear + i), 0, static_cast<std::size_t>(m) * sizeof(G));
+        body(*it, k, m, g, chunk);
+        if (clear != nullptr) std::memset(static_cast<void*>(clear + k), 0, static_cast<std::size_t>(m) * sizeof(G));
         if constexpr (WriteParams && !std::is_same_v<S, float>) {
-          simd::convert(master + i, params + i, static_cast<std::size_t>(m));
+          simd::convert(master + k, params + k, static_cast<std::size_t>(m));
         }
       }
     }
   });
+}
+
+/// The whole store as one shard (what the store-wide step() runs on).
+template <class Policy>
+flat_shard<Policy> whole_store(nn::parameter_store<Policy>& store) {
+  if (!store.allocated()) return {};
+  return {0, store.size(), store.grads().data(), store.master().data(), store.params().data(), {}};
 }
 
 }  // namespace detail
@@ -171,6 +212,15 @@ class optimizer_base {
   const std::vector<group_spec>& group_specs() const noexcept { return specs_; }
   /// Whether state exists (the optimizer has been bound to a store).
   bool initialized() const noexcept { return bound_; }
+  /// The flat range [begin, end) of the store the state covers (the whole store unless the
+  /// optimizer steps a shard); {0, 0} before it is bound.
+  std::pair<index_t, index_t> bound_range() const noexcept { return {begin_, end_}; }
+  /// Bytes of optimizer state held (fp32 buffers over the bound range).
+  std::size_t state_bytes() const noexcept {
+    std::size_t b = 0;
+    for (const auto& t : state_) b += static_cast<std::size_t>(t.numel()) * sizeof(float);
+    return b;
+  }
   /// Whether step() also zeroes the gradients (default false). The step clears each block of
   /// gradients right after reading it, while it is in cache, which replaces the separate pass
   /// of store.zero_grad() (as PyTorch's zero_grad(set_to_none=True) skips its own). Only for
@@ -232,15 +282,21 @@ class optimizer_base {
     }
   }
 
-  /// Resolves groups and segments for `store` and allocates state the first time; later calls
-  /// check that the store has the layout the state was made for.
+  /// Resolves groups and segments for `store` and allocates state for the flat range [begin,
+  /// end) (the whole store by default) the first time; later calls check that the store has
+  /// the layout, and the range is the one, the state was made for.
   template <class Policy>
-  void bind(nn::parameter_store<Policy>& store) {
+  void bind(nn::parameter_store<Policy>& store, index_t begin = 0, index_t end = -1) {
     static_assert(std::is_same_v<typename Policy::device, cpu>,
                   "trident::optim: the fused optimizer step runs on the cpu device; for a cuda parameter store use "
                   "ZeRO-Offload (optimizer state and step on the CPU)");
     if (!store.allocated()) {
       throw error(std::string(name_) + ": the parameter store is not allocated (call allocate() after declaring its tensors)");
+    }
+    if (end < 0) end = store.size();
+    if (begin < 0 || begin > end || end > store.size()) {
+      throw error(std::string(name_) + ": the range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                  ") is not inside the store's " + std::to_string(store.size()) + " flat elements");
     }
     const auto& infos = store.infos();
     if (bound_) {
@@ -250,6 +306,11 @@ class optimizer_base {
         throw error(std::string(name_) + ": this optimizer's state was created for a parameter store of " +
                     std::to_string(size_) + " elements in " + std::to_string(layout_.size()) + " tensors; this store has " +
                     std::to_string(store.size()) + " elements in " + std::to_string(infos.size()) + " tensors");
+      }
+      if (begin != begin_ || end != end_) {
+        throw error(std::string(name_) + ": this optimizer's state covers flat elements [" + std::to_string(begin_) + ", " +
+                    std::to_string(end_) + ") of its store; it cannot step [" + std::to_string(begin) + ", " + std::to_string(end) +
+                    ") (one optimizer per partition)");
       }
       return;
     }
@@ -278,16 +339,18 @@ class optimizer_base {
       }
     }
     size_ = store.size();
+    begin_ = begin;
+    end_ = end;
     tensor_names_.clear();
     for (const auto& p : infos) tensor_names_.push_back(p.name);
     allocate_state();
     bound_ = true;
   }
 
-  /// Adds a zero-filled (or `init`-filled) fp32 state buffer over the bound layout.
+  /// Adds a zero-filled (or `init`-filled) fp32 state buffer over the bound range.
   void add_state(std::string name, double init = 0.0) {
     // Filled by the threads and chunks that will step it (first touch); no kernel table needed.
-    auto t = tensor<float>::uninitialized(trident::shape({size_}));
+    auto t = tensor<float>::uninitialized(trident::shape({end_ - begin_}));
     float* d = t.data();
     const float v = static_cast<float>(init);
     cpu_kernels::parallel_chunks(t.numel(), detail::min_chunk_elements, detail::chunk_align_elements,
@@ -306,6 +369,23 @@ class optimizer_base {
   /// Weight decay of group g given the optimizer's own.
   double group_weight_decay(std::size_t g, double optimizer_wd) const { return groups_[g].weight_decay.value_or(optimizer_wd); }
 
+  /// Checks a shard against `store` and binds the optimizer to its range.
+  template <class Policy>
+  void bind_shard(nn::parameter_store<Policy>& store, const flat_shard<Policy>& s) {
+    if (!store.allocated()) {
+      throw error(std::string(name_) + ": the parameter store is not allocated (call allocate() after declaring its tensors)");
+    }
+    if (s.begin < 0 || s.begin > s.end || s.end > store.size()) {
+      throw error(std::string(name_) + "::step: the shard [" + std::to_string(s.begin) + ", " + std::to_string(s.end) +
+                  ") is not inside the store's " + std::to_string(store.size()) + " flat elements");
+    }
+    if (s.size() > 0 && (s.grads == nullptr || s.master == nullptr || s.params == nullptr)) {
+      throw error(std::string(name_) + "::step: the shard [" + std::to_string(s.begin) + ", " + std::to_string(s.end) +
+                  ") lacks its " + (s.grads == nullptr ? "gradients" : s.master == nullptr ? "master weights" : "params"));
+    }
+    bind(store, s.begin, s.end);
+  }
+
   /// Subclasses create their state buffers here (add_state).
   virtual void allocate_state() = 0;
   virtual void on_step_count_restored() {}
@@ -318,7 +398,9 @@ class optimizer_base {
   std::vector<detail::segment> segs_;
   std::vector<index_t> layout_;  ///< tensor offsets of the bound store
   std::vector<std::string> tensor_names_;
-  index_t size_ = 0;
+  index_t size_ = 0;    ///< flat elements of the bound store
+  index_t begin_ = 0;   ///< the bound range [begin_, end_) the state covers
+  index_t end_ = 0;
   bool bound_ = false;
   bool zero_grad_in_step_ = false;
   std::vector<tensor<float>> state_;

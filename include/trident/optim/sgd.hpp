@@ -90,30 +90,16 @@ class sgd : public optimizer_base {
   void step(nn::parameter_store<P>& store, double grad_scale = 1.0) {
     check_grad_scale(grad_scale);
     init(store);
-    ++step_;
-    const bool momentum = opts_.momentum != 0.0;
-    const bool first = momentum && !buffer_started_;
-    std::vector<detail::sgd_constants> k(groups_.size());
-    for (std::size_t g = 0; g < groups_.size(); ++g) {
-      k[g] = {static_cast<float>(lr_ * groups_[g].lr_scale), static_cast<float>(group_weight_decay(g, opts_.weight_decay)),
-              static_cast<float>(opts_.momentum), static_cast<float>(1.0 - opts_.dampening)};
-    }
-    float* buf = momentum ? state_data(0) : nullptr;
-    float* master = store.master().data();
-    const float scale = static_cast<float>(grad_scale);
-    const bool nesterov = opts_.nesterov;
-    detail::fused_pass<true, true>(segs_, size_, store.grads().data(), master, store.params().data(),
-                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
-                                     const auto& c = k[static_cast<std::size_t>(s.group)];
-                                     float* b = buf ? buf + i : nullptr;
-                                     if (c.wd != 0.0f) {
-                                       dispatch<true>(momentum, first, nesterov, g, master + i, b, n, scale, c);
-                                     } else {
-                                       dispatch<false>(momentum, first, nesterov, g, master + i, b, n, scale, c);
-                                     }
-                                   },
-                                   grads_to_clear(store.grads().data()));
-    if (momentum) buffer_started_ = true;
+    run(detail::whole_store(store), grad_scale, grads_to_clear(store.grads().data()));
+  }
+
+  /// One optimizer step on the flat range of `shard` only (a ZeRO partition; see optimizer.hpp).
+  template <policy_bundle P>
+  void step(nn::parameter_store<P>& store, const flat_shard<P>& shard, double grad_scale = 1.0) {
+    check_grad_scale(grad_scale);
+    bind_shard(store, shard);
+    if (opts_.momentum != 0.0 && state_.empty()) add_state("momentum_buffer");
+    run(shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
   options hyperparameters() const {
@@ -136,6 +122,33 @@ class sgd : public optimizer_base {
   }
 
  private:
+  template <class P>
+  void run(const flat_shard<P>& shard, double grad_scale, typename P::gradient_type* clear) {
+    ++step_;
+    const bool momentum = opts_.momentum != 0.0;
+    const bool first = momentum && !buffer_started_;
+    std::vector<detail::sgd_constants> k(groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      k[g] = {static_cast<float>(lr_ * groups_[g].lr_scale), static_cast<float>(group_weight_decay(g, opts_.weight_decay)),
+              static_cast<float>(opts_.momentum), static_cast<float>(1.0 - opts_.dampening)};
+    }
+    float* buf = momentum ? state_data(0) : nullptr;
+    float* master = shard.master;
+    const float scale = static_cast<float>(grad_scale);
+    const bool nesterov = opts_.nesterov;
+    detail::fused_pass<true, true>(segs_, shard.begin, shard.end, shard.grads, master, shard.params,
+                                   [&](const detail::segment& s, index_t i, index_t n, const float* g, int) {
+                                     const auto& c = k[static_cast<std::size_t>(s.group)];
+                                     float* b = buf ? buf + i : nullptr;
+                                     if (c.wd != 0.0f) {
+                                       dispatch<true>(momentum, first, nesterov, g, master + i, b, n, scale, c);
+                                     } else {
+                                       dispatch<false>(momentum, first, nesterov, g, master + i, b, n, scale, c);
+                                     }
+                                   },
+                                   clear);
+    if (momentum) buffer_started_ = true;
+  }
   template <bool L2>
   static void dispatch(bool momentum, bool first, bool nesterov, const float* g, float* p, float* b, index_t n, float scale,
                        const detail::sgd_constants& c) {
