@@ -19,6 +19,9 @@ struct cuda;
 
 // parallel strategies (parallel/strategy.hpp)
 struct single;
+struct data_parallel;
+template <int Stage>
+struct zero;
 
 template <class Precision, class Device, class Strategy>
 struct policy;

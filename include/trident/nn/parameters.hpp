@@ -10,6 +10,12 @@
 ///
 /// Use: modules declare() their tensors while the model is built, the model calls
 /// allocate() once, then handles give views. Each tensor starts on a 64-byte boundary.
+///
+/// Data parallel and ZeRO (parallel/zero.hpp) need two things of the store: buffers that
+/// divide into equal, aligned partitions, one per rank (pad_to_multiple() grows them with
+/// zero padding at the end), and, from ZeRO stage 1 on, no full fp32 master copy: each rank
+/// keeps only its partition of it, so release_master() frees the store's copy once the
+/// partitioned step has taken its partition.
 
 #include <cstddef>
 #include <string>
@@ -79,7 +85,43 @@ class parameter_store {
     if constexpr (separate_master) master_ = tensor<master_type, device>({total_});
     allocated_ = true;
   }
+  /// Whether allocate() has run.
   bool allocated() const noexcept { return allocated_; }
+
+  /// Grows the flat buffers with zero padding at the end until size() is a multiple of
+  /// `multiple` (which must itself be a multiple of align_elements, so that partitions start
+  /// on 64-byte boundaries). Before allocate() it only changes the size to allocate; after, it
+  /// reallocates and copies params, grads and master: views taken earlier are then invalid
+  /// (modules take their views afresh at every call), and an optimizer bound to the old size
+  /// refuses the new one. Data-parallel and ZeRO steps call it to partition the buffers evenly.
+  void pad_to_multiple(index_t multiple) {
+    if (multiple < 1 || multiple % align_elements != 0) {
+      throw error("parameter_store::pad_to_multiple: " + std::to_string(multiple) + " is not a positive multiple of " +
+                  std::to_string(align_elements) + " elements (the 64-byte alignment unit of this store)");
+    }
+    const index_t padded = (total_ + multiple - 1) / multiple * multiple;
+    if (padded == total_) return;
+    if (allocated()) {
+      if (master_released_) throw error("parameter_store::pad_to_multiple: the master weights were released; pad before that");
+      params_ = grown(params_, padded);
+      grads_ = grown(grads_, padded);
+      if constexpr (separate_master) master_ = grown(master_, padded);
+    }
+    total_ = padded;
+  }
+
+  /// Frees the full fp32 master copy (mixed precision only; a no-op under fp32, where the
+  /// params are the master). For ZeRO stage >= 1, whose step keeps each rank's partition of the
+  /// master itself; master(), master_from_params() and params_from_master() then throw.
+  void release_master() {
+    if constexpr (separate_master) {
+      checked(master_);
+      master_ = tensor<master_type, device>();
+      master_released_ = true;
+    }
+  }
+  /// Whether release_master() freed the master copy.
+  bool master_released() const noexcept { return master_released_; }
 
   /// The declared tensors, in declaration (and buffer) order.
   const std::vector<parameter_info>& infos() const noexcept { return infos_; }
@@ -119,24 +161,36 @@ class parameter_store {
 
   /// After initialising params (or loading them): master = params. No-op under fp32.
   void master_from_params() {
-    if constexpr (separate_master) copy(checked(params_), master_);
+    if constexpr (separate_master) copy(checked(params_), checked(master_));
   }
   /// After an optimizer step on master: params = master rounded to the storage type.
   void params_from_master() {
     if constexpr (separate_master) copy(checked(master_), params_);
   }
 
-  /// Bytes held for parameters, gradients and master weights.
+  /// Bytes held for parameters, gradients and master weights (none after release_master()).
   std::size_t bytes() const noexcept {
     return static_cast<std::size_t>(total_) *
-           (sizeof(storage_type) + sizeof(gradient_type) + (separate_master ? sizeof(master_type) : 0));
+           (sizeof(storage_type) + sizeof(gradient_type) + (separate_master && !master_released_ ? sizeof(master_type) : 0));
   }
 
  private:
   template <class T>
   tensor<T, device>& checked(tensor<T, device>& t) {
     if (!allocated()) throw error("parameter_store: used before allocate()");
+    if constexpr (std::is_same_v<T, master_type> && separate_master) {
+      if (&t == &master_ && master_released_) {
+        throw error("parameter_store: the full master weights were released (ZeRO stage >= 1 keeps each rank's partition "
+                    "in its parallel::distributed_step; use its master() and master_from_params())");
+      }
+    }
     return t;
+  }
+  template <class T>
+  static tensor<T, device> grown(tensor<T, device>& t, index_t n) {
+    tensor<T, device> g({n});
+    copy(t.view(), g.view().slice(0, 0, t.numel()));
+    return g;
   }
   template <class T>
   tensor_view<T, device> view_of(tensor<T, device>& flat, parameter_handle h) {
@@ -147,6 +201,7 @@ class parameter_store {
   std::vector<parameter_info> infos_;
   index_t total_ = 0;
   bool allocated_ = false;
+  bool master_released_ = false;
   tensor<storage_type, device> params_;
   tensor<gradient_type, device> grads_;
   tensor<master_type, device> master_;

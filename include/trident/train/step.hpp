@@ -44,6 +44,7 @@ struct step_outcome {
   double grad_norm = std::numeric_limits<double>::quiet_NaN();  ///< unscaled global L2 norm (NaN: not computed)
   double clip = 1.0;        ///< the factor the gradients were multiplied by (≤ 1)
   double loss_scale = 1.0;  ///< the scale backward used
+  double grad_scale = 1.0;  ///< what the optimizer multiplied the gradients by: clip / loss_scale
 };
 
 /// Loss scaling, overflow handling, clipping and the optimizer step for one policy.
@@ -102,31 +103,45 @@ class step_control {
   /// with the unscale and clip factors fused into its pass. Does not zero the gradients.
   template <class Optimizer>
   step_outcome step(nn::parameter_store<Policy>& store, Optimizer& opt) {
+    const step_outcome r = decide([&] { return optim::grad_norm(store); }, [&] { return optim::first_nonfinite(store); });
+    if (r.applied) opt.step(store, r.grad_scale);
+    return r;
+  }
+
+  /// The decision step() takes, with the gradients' norm and the name of a non-finite tensor
+  /// supplied by the caller: a distributed step computes both over every rank, so that all
+  /// ranks decide alike. `norm()` returns the grad_norm_result of the gradients as stored (of
+  /// the scaled gradients under loss scaling) and is called only when clipping or loss scaling
+  /// needs it; `first_bad()` names the first tensor with a non-finite gradient and is called
+  /// only when the norm is not finite. Counts the step; the caller applies the optimizer with
+  /// the outcome's grad_scale when it is `applied`.
+  template <class NormFn, class BadFn>
+  step_outcome decide(NormFn&& norm, BadFn&& first_bad) {
     step_outcome r;
     r.loss_scale = loss_scale();
     const bool clipping = o_.gradient_clipping > 0;
     if (!scaled && !clipping) {
-      opt.step(store, 1.0);
       ++steps_;
       return r;
     }
-    const auto gn = optim::grad_norm(store);
+    const optim::grad_norm_result gn = norm();
     if constexpr (scaled) {
-      const std::string bad = gn.finite ? std::string() : optim::first_nonfinite(store);
+      const std::string bad = gn.finite ? std::string() : std::string(first_bad());
       const bool applied = use_static() ? static_.update(!gn.finite, bad) : dynamic_.update(!gn.finite, bad);
       if (!applied) {
         r.applied = false;
+        r.grad_scale = 0.0;
         ++steps_;
         return r;
       }
     } else if (!gn.finite) {
-      throw error("train::step_control: the gradient of '" + optim::first_nonfinite(store) + "' is not finite at step " +
+      throw error("train::step_control: the gradient of '" + std::string(first_bad()) + "' is not finite at step " +
                   std::to_string(steps_) + " (" + Policy::traits::name +
                   " has no loss scaling to skip it): the run diverged; lower the learning rate or clip gradients");
     }
     r.grad_norm = gn.norm / r.loss_scale;
     r.clip = clipping ? optim::clip_factor(r.grad_norm, o_.gradient_clipping) : 1.0;
-    opt.step(store, r.clip / r.loss_scale);
+    r.grad_scale = r.clip / r.loss_scale;
     ++steps_;
     return r;
   }
