@@ -1,0 +1,378 @@
+// Data parallel, ZeRO-1 and ZeRO-2 over thread_comm with 1 to 4 ranks: an MLP trained for
+// several steps, each rank on its own disjoint shard of the same global batch, must match
+// single-process training on the whole batch (fp32 with AdamW and SGD, with and without
+// clipping, tightly; bf16_mixed loosely), with params bitwise identical on every rank after
+// every step; an fp16 overflow on one rank skips the step on all; measured bytes per rank
+// equal the estimator and DeepSpeed's formulas; bad configurations get clear errors.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <trident/parallel/thread_comm.hpp>
+#include <trident/parallel/zero.hpp>
+#include <trident/trident.hpp>
+
+using namespace trident;
+
+static_assert(policy_bundle<policy<bf16_mixed, cpu, zero<2>>>);
+static_assert(policy<fp16_mixed, cpu, zero<1>>::strategy::zero_stage == 1);
+static_assert(policy<fp32, cpu, data_parallel>::strategy::distributed && !single::distributed);
+
+namespace {
+
+constexpr index_t global_batch = 24;  // divides among 1, 2, 3 and 4 ranks
+constexpr int steps = 5;
+
+/// Two Gaussian blobs per class in 8 dimensions, `steps` global batches of them.
+struct blobs {
+  std::vector<float> x;
+  std::vector<std::int32_t> y;
+  blobs() {
+    const index_t n = global_batch * steps;
+    generator g(11);
+    tensor<float> noise({n, 8});
+    normal(noise, g, 0.0, 0.5);
+    for (index_t i = 0; i < n; ++i) {
+      const int c = static_cast<int>((i * 7) % 3);
+      y.push_back(c);
+      for (index_t j = 0; j < 8; ++j) x.push_back(static_cast<float>(((j % 3) == c ? 1.0 : 0.0) + noise.data()[i * 8 + j]));
+    }
+  }
+};
+
+const blobs& data() {
+  static const blobs d;
+  return d;
+}
+
+/// An MLP 8 → 40 (ReLU) → 24 (ReLU) → 3 with softmax cross-entropy; biases are out of the decay group.
+template <class P>
+struct mlp {
+  using S = typename P::storage_type;
+  nn::parameter_store<P> store;
+  nn::sequential<P, nn::linear<P>, nn::linear<P>, nn::linear<P>> net;
+  nn::softmax_cross_entropy<P> loss;
+  nn::arena<cpu> memory;
+  generator gen{3};
+
+  explicit mlp(index_t hidden = 40)
+      : net(nn::linear<P>(store, "fc1", 8, hidden, true, activation::relu), nn::linear<P>(store, "fc2", hidden, 24, true, activation::relu),
+            nn::linear<P>(store, "fc3", 24, 3)) {
+    store.allocate();
+    generator g(5);
+    net.init(g);
+    store.master_from_params();
+  }
+
+  /// Forward and backward on rows [b, e) of global batch `step`: the gradient of
+  /// loss_scale × (mean loss over those rows) accumulates into the store.
+  void backward(int step, index_t b, index_t e, double loss_scale) {
+    const auto& d = data();
+    const index_t first = step * global_batch + b, rows = e - b;
+    tensor<float> xf({rows, 8});
+    std::memcpy(xf.data(), d.x.data() + first * 8, static_cast<std::size_t>(rows * 8) * sizeof(float));
+    tensor<S> x({rows, 8});
+    copy(xf, x);
+    memory.reset();
+    nn::context<P> ctx{memory, true, &gen};
+    auto logits = net.forward(ctx, x.view());
+    loss.forward(ctx, logits, std::span<const std::int32_t>(d.y.data() + first, static_cast<std::size_t>(rows)));
+    net.backward(ctx, loss.backward(ctx, loss_scale));
+  }
+
+  /// The params (padding left out) as floats.
+  std::vector<float> params() {
+    std::vector<float> out;
+    for (const auto& p : store.infos()) {
+      for (index_t i = 0; i < p.numel(); ++i) out.push_back(static_cast<float>(store.params().data()[p.offset + i]));
+    }
+    return out;
+  }
+};
+
+template <class Precision>
+using single_policy = policy<Precision, cpu>;
+
+/// Params after each step of single-process training on the whole global batch.
+template <class Precision, class MakeOpt>
+std::vector<std::vector<float>> train_single(MakeOpt make, double clipping, std::vector<double>* clips = nullptr) {
+  using P = single_policy<Precision>;
+  mlp<P> m;
+  auto opt = make();
+  train::step_control<P> control({.gradient_clipping = clipping});
+  std::vector<std::vector<float>> out;
+  for (int s = 0; s < steps; ++s) {
+    m.store.zero_grad();
+    m.backward(s, 0, global_batch, control.loss_scale());
+    const auto r = control.step(m.store, opt);
+    if (clips) clips->push_back(r.clip);
+    out.push_back(m.params());
+  }
+  return out;
+}
+
+/// Params after each step, per rank, of `ranks` ranks each training on its shard.
+template <class P, class MakeOpt>
+std::vector<std::vector<std::vector<float>>> train_distributed(int ranks, MakeOpt make, const parallel::distributed_options& o) {
+  std::vector<std::vector<std::vector<float>>> out(static_cast<std::size_t>(ranks));
+  run_ranks(ranks, [&](thread_comm& comm) {
+    mlp<P> m;
+    auto opt = make();
+    parallel::distributed_step<P, thread_comm> dist(m.store, comm, o);
+    const index_t b = global_batch * comm.rank() / ranks, e = global_batch * (comm.rank() + 1) / ranks;
+    for (int s = 0; s < steps; ++s) {
+      m.store.zero_grad();
+      m.backward(s, b, e, dist.loss_scale());
+      dist.step(opt);
+      out[static_cast<std::size_t>(comm.rank())].push_back(m.params());
+    }
+  });
+  return out;
+}
+
+/// Every rank's params equal rank 0's bit for bit, and rank 0's are within rel·|x| + abs of the
+/// reference element by element, and within l2_rel of it in relative L2 norm, after every step.
+void compare(const std::vector<std::vector<std::vector<float>>>& dist, const std::vector<std::vector<float>>& ref, double rel, double abs,
+             double l2_rel, const std::string& what) {
+  INFO(what);
+  for (std::size_t r = 1; r < dist.size(); ++r) {
+    for (int s = 0; s < steps; ++s) {
+      REQUIRE_MESSAGE(dist[r][static_cast<std::size_t>(s)] == dist[0][static_cast<std::size_t>(s)],
+                      "rank " << r << " differs from rank 0 after step " << s);
+    }
+  }
+  double worst = 0, l2 = 0;
+  for (int s = 0; s < steps; ++s) {
+    const auto& a = dist[0][static_cast<std::size_t>(s)];
+    const auto& b = ref[static_cast<std::size_t>(s)];
+    REQUIRE(a.size() == b.size());
+    double d2 = 0, b2 = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      worst = std::max(worst, std::fabs(double(a[i]) - b[i]) / (abs + rel * std::fabs(double(b[i]))));
+      d2 += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+      b2 += double(b[i]) * b[i];
+    }
+    l2 = std::max(l2, std::sqrt(d2 / b2));
+  }
+  CHECK(l2 <= l2_rel);
+  // the params moved: the comparison is not of the initial weights
+  double moved = 0;
+  for (std::size_t i = 0; i < ref.back().size(); ++i) moved = std::max(moved, std::fabs(double(ref.back()[i]) - ref.front()[i]));
+  CHECK(moved > 1e-3);
+  CHECK(worst <= 1.0);
+}
+
+template <class Precision, class Strategy, class MakeOpt>
+void check_matches_single(MakeOpt make, double rel, double abs, double l2_rel, const char* what) {
+  for (double clipping : {0.0, 0.05}) {
+    std::vector<double> clips;
+    const auto ref = train_single<Precision>(make, clipping, &clips);
+    if (clipping > 0) CHECK(clips.front() < 1.0);  // clipping is active
+    for (int ranks = 1; ranks <= 4; ++ranks) {
+      // small buckets: many collectives in flight, buckets ending inside tensors
+      const parallel::distributed_options o{.reduce_bucket_size = 100, .max_in_flight = 3, .step = {.gradient_clipping = clipping}};
+      const auto dist = train_distributed<policy<Precision, cpu, Strategy>>(ranks, make, o);
+      compare(dist, ref, rel, abs, l2_rel,
+              std::string(what) + " " + Strategy::name + " ranks " + std::to_string(ranks) + " clipping " + std::to_string(clipping));
+    }
+  }
+}
+
+auto adamw = [] { return optim::adamw({.lr = 1e-2, .weight_decay = 0.1}); };
+auto sgd = [] { return optim::sgd({.lr = 0.1, .momentum = 0.9, .weight_decay = 1e-3}); };
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("zero: fp32 training on sharded batches matches single-process training (AdamW, SGD)", S, data_parallel, zero<1>, zero<2>) {
+  check_matches_single<fp32, S>(adamw, 1e-6, 1e-7, 1e-6, "fp32 adamw");
+  check_matches_single<fp32, S>(sgd, 1e-6, 1e-7, 1e-6, "fp32 sgd");
+}
+
+TEST_CASE_TEMPLATE("zero: bf16_mixed training on sharded batches matches single-process training", S, data_parallel, zero<1>, zero<2>) {
+  // Params are bf16 (8 bits of mantissa): a master that differs in its last float bits may round
+  // to the neighbouring bf16 value, and the next forward differs by that much. Adam turns the
+  // small differences of a near-zero gradient into steps of up to lr (1e-2), so elements get
+  // 2·lr of slack; the relative L2 difference of the whole model stays near 1e-3.
+  check_matches_single<bf16_mixed, S>(adamw, 1e-2, 2e-2, 5e-3, "bf16 adamw");
+}
+
+TEST_CASE_TEMPLATE("zero: an fp16 overflow on one rank skips the step on every rank", S, data_parallel, zero<1>, zero<2>) {
+  using P = policy<fp16_mixed, cpu, S>;
+  const int ranks = 3;
+  struct record {
+    std::vector<bool> applied;
+    std::vector<double> scales;
+    std::int64_t skipped = 0;
+    std::vector<std::vector<float>> params;
+  };
+  std::vector<record> rec(ranks);
+  run_ranks(ranks, [&](thread_comm& comm) {
+    mlp<P> m;
+    optim::adamw opt({.lr = 1e-2});
+    // hysteresis 1: the first overflow halves the scale
+    parallel::distributed_step<P, thread_comm> dist(m.store, comm, {.step = {.dynamic_scaler = {.initial_scale_power = 12, .hysteresis = 1}}});
+    auto& me = rec[static_cast<std::size_t>(comm.rank())];
+    const index_t b = global_batch * comm.rank() / ranks, e = global_batch * (comm.rank() + 1) / ranks;
+    for (int s = 0; s < 4; ++s) {
+      m.store.zero_grad();
+      m.backward(s, b, e, dist.loss_scale());
+      if (s == 2 && comm.rank() == 1) m.store.grads().data()[m.store.infos()[2].offset + 3] = half(std::numeric_limits<float>::infinity());
+      me.scales.push_back(dist.loss_scale());
+      me.applied.push_back(dist.step(opt).applied);
+      me.params.push_back(m.params());
+    }
+    me.skipped = dist.control().skipped_steps();
+  });
+  for (int r = 0; r < ranks; ++r) {
+    INFO("rank " << r);
+    const auto& me = rec[static_cast<std::size_t>(r)];
+    CHECK(me.applied == std::vector<bool>{true, true, false, true});
+    CHECK(me.skipped == 1);
+    CHECK(me.scales == std::vector<double>{4096, 4096, 4096, 2048});
+    CHECK(me.params[2] == me.params[1]);  // the skipped step left the params alone
+    CHECK(me.params[3] != me.params[2]);
+    for (int s = 0; s < 4; ++s) CHECK(me.params[static_cast<std::size_t>(s)] == rec[0].params[static_cast<std::size_t>(s)]);
+  }
+}
+
+TEST_CASE("zero: an fp32 gradient that is not finite is an error on every rank, naming the tensor") {
+  using P = policy<fp32, cpu, zero<2>>;
+  std::vector<std::string> errors(2);
+  CHECK_THROWS_AS(run_ranks(2, [&](thread_comm& comm) {
+                    mlp<P> m;
+                    optim::sgd opt({.lr = 0.1});
+                    parallel::distributed_step<P, thread_comm> dist(m.store, comm, {.step = {.gradient_clipping = 1.0}});
+                    m.store.zero_grad();
+                    m.backward(0, 0, 12, 1.0);
+                    if (comm.rank() == 0) m.store.grads().data()[m.store.infos()[3].offset] = std::numeric_limits<float>::quiet_NaN();
+                    try {
+                      dist.step(opt);
+                    } catch (const trident::error& e) {
+                      errors[static_cast<std::size_t>(comm.rank())] = e.what();
+                      throw;
+                    }
+                  }),
+                  trident::error);
+  for (const auto& e : errors) CHECK(e.find("the gradient of 'fc2.bias' is not finite") != std::string::npos);
+}
+
+TEST_CASE_TEMPLATE("zero: measured bytes per rank equal the estimate and DeepSpeed's formulas", S, data_parallel, zero<1>, zero<2>) {
+  constexpr int stage = S::zero_stage;
+  auto check = [&]<class P>(P, int ranks, auto make, int state_buffers, bool formula) {
+    const index_t elements = mlp<single_policy<typename P::precision>>().store.size();
+    std::vector<parallel::memory_report> measured(static_cast<std::size_t>(ranks));
+    const parallel::distributed_options o{.reduce_bucket_size = 300};
+    std::vector<std::size_t> store_bytes(static_cast<std::size_t>(ranks));
+    run_ranks(ranks, [&](thread_comm& comm) {
+      mlp<P> m;
+      auto opt = make();
+      parallel::distributed_step<P, thread_comm> dist(m.store, comm, o);
+      m.store.zero_grad();
+      m.backward(0, 0, 6, dist.loss_scale());
+      dist.step(opt);
+      measured[static_cast<std::size_t>(comm.rank())] = dist.memory(opt);
+      store_bytes[static_cast<std::size_t>(comm.rank())] = m.store.bytes();
+    });
+    const auto want = parallel::estimate_memory<P>(elements, ranks, state_buffers, o);
+    const index_t psi = parallel::padded_size<P>(elements, ranks);
+    INFO(std::string(P::traits::name) << " " << std::string(S::name) << " ranks " << ranks << " Ψ " << psi);
+    for (int r = 0; r < ranks; ++r) {
+      const auto& m = measured[static_cast<std::size_t>(r)];
+      CHECK(m == want);
+      // the store holds params, its full gradient buffer and (data parallel only) the master
+      CHECK(store_bytes[static_cast<std::size_t>(r)] == m.params + (stage == 2 ? m.local_grads : m.grads) + (stage == 0 ? m.master : 0));
+    }
+    if (formula) CHECK(want.model_states() == parallel::zero_formula_bytes(stage, psi, ranks));
+    if (stage == 2) CHECK(want.local_grads == static_cast<std::size_t>(psi) * sizeof(typename P::gradient_type));
+    if (stage == 1) CHECK(want.comm_buffers > 0);
+    if (stage >= 1) CHECK(psi % (ranks * nn::parameter_store<P>::align_elements) == 0);
+  };
+  for (int ranks = 1; ranks <= 4; ++ranks) {
+    // mixed-precision Adam: 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N exactly (Ψ padded)
+    check(policy<fp16_mixed, cpu, S>{}, ranks, adamw, 2, true);
+    // fp32 Adam: params are the master (4 + 4 + 8 = 16Ψ for data parallel, 4Ψ + 4Ψ + 8Ψ/N for stage 1, 4Ψ + 12Ψ/N for stage 2)
+    check(policy<fp32, cpu, S>{}, ranks, adamw, 2, stage == 0);
+    // bf16 with fp32 gradients, SGD with momentum
+    check(policy<bf16_mixed, cpu, S>{}, ranks, sgd, 1, false);
+  }
+  // the formulas themselves
+  CHECK(parallel::zero_formula_bytes(0, 1000, 4) == 16000);
+  CHECK(parallel::zero_formula_bytes(1, 1000, 4) == 4000 + 3000);
+  CHECK(parallel::zero_formula_bytes(2, 1000, 4) == 2000 + 3500);
+  CHECK(parallel::zero_formula_bytes(3, 1000, 4) == 4000);
+}
+
+TEST_CASE("zero: bad configurations get a clear error") {
+  using E = trident::error;
+  using P = policy<fp32, cpu, zero<1>>;
+  {
+    mlp<P> m;
+    local_comm comm;
+    CHECK_THROWS_WITH_AS((parallel::distributed_step<P, local_comm>(m.store, comm, {.reduce_bucket_size = 0})),
+                         doctest::Contains("reduce_bucket_size must be >= 1 element, got 0"), E);
+    CHECK_THROWS_WITH_AS((parallel::distributed_step<P, local_comm>(m.store, comm, {.max_in_flight = 0})),
+                         doctest::Contains("max_in_flight must be >= 1"), E);
+    nn::parameter_store<P> unallocated;
+    unallocated.declare("w", {3});
+    CHECK_THROWS_WITH_AS((parallel::distributed_step<P, local_comm>(unallocated, comm)), doctest::Contains("not allocated"), E);
+    CHECK_THROWS_WITH_AS(parallel::estimate_memory<P>(100, 2, 2, {.reduce_bucket_size = -5}), doctest::Contains("reduce_bucket_size"), E);
+    CHECK_THROWS_WITH_AS(parallel::zero_formula_bytes(1, 1001, 4), doctest::Contains("does not divide"), E);
+  }
+  // ranks that built different models
+  std::vector<std::string> errors(2);
+  CHECK_THROWS_AS(run_ranks(2, [&](thread_comm& comm) {
+                    mlp<P> m(comm.rank() == 0 ? 40 : 16);
+                    try {
+                      parallel::distributed_step<P, thread_comm> dist(m.store, comm);
+                    } catch (const trident::error& e) {
+                      errors[static_cast<std::size_t>(comm.rank())] = e.what();
+                      throw;
+                    }
+                  }),
+                  E);
+  for (const auto& e : errors) CHECK(e.find("the ranks' parameter stores differ") != std::string::npos);
+  CHECK(errors[0].find("every rank must build the same model") != std::string::npos);
+
+  // a zero<1> store's full master is released: the store-wide step names the reason
+  {
+    using B = policy<bf16_mixed, cpu, zero<1>>;
+    mlp<B> m;
+    local_comm comm;
+    parallel::distributed_step<B, local_comm> dist(m.store, comm);
+    optim::adamw opt;
+    CHECK_THROWS_WITH_AS(opt.step(m.store), doctest::Contains("master weights were released"), E);
+  }
+}
+
+TEST_CASE("zero: gradient accumulation over micro-batches and master_from_params") {
+  // two micro-batches per rank accumulated, then one step: the same as one micro-batch per rank
+  using P = policy<bf16_mixed, cpu, zero<2>>;
+  std::vector<std::vector<float>> one(2), two(2);
+  for (int micro : {1, 2}) {
+    run_ranks(2, [&](thread_comm& comm) {
+      mlp<P> m;
+      optim::sgd opt({.lr = 0.1});
+      parallel::distributed_step<P, thread_comm> dist(m.store, comm);
+      const index_t b = 12 * comm.rank(), e = b + 12;
+      m.store.zero_grad();
+      for (int k = 0; k < micro; ++k) m.backward(0, b + (e - b) * k / micro, b + (e - b) * (k + 1) / micro, 1.0 / micro);
+      dist.step(opt);
+      (micro == 1 ? one : two)[static_cast<std::size_t>(comm.rank())] = m.params();
+      // the master partition follows params loaded afterwards
+      fill(m.store.params(), 0.25);
+      dist.master_from_params();
+      for (index_t i = 0; i < dist.master().numel(); ++i) REQUIRE(dist.master().data()[i] == 0.25f);
+    });
+  }
+  double worst = 0;
+  for (std::size_t i = 0; i < one[0].size(); ++i) worst = std::max(worst, std::fabs(double(one[0][i]) - two[0][i]) / (1e-3 + 1e-2 * std::fabs(one[0][i])));
+  CHECK(worst <= 1.0);
+  CHECK(one[0] == one[1]);
+}
