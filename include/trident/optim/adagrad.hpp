@@ -90,17 +90,8 @@ class adagrad : public optimizer_base {
     run(shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
-  options hyperparameters() const {
-    options o = opts_;
-    o.lr = lr_;
-    return o;
-  }
-  double weight_decay() const noexcept { return opts_.weight_decay; }
-  /// Sets the weight decay of the "decay" group and of custom groups that do not set their own.
-  void set_weight_decay(double wd) {
-    check_non_negative(name_, "weight_decay", wd);
-    opts_.weight_decay = wd;
-  }
+  /// The options as they are now (lr and weight decay may have changed since construction).
+  options hyperparameters() const { return current(opts_); }
 
  private:
   template <class P>
@@ -110,7 +101,7 @@ class adagrad : public optimizer_base {
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       const double lr = lr_ * groups_[g].lr_scale;
       k[g] = {static_cast<float>(lr / (1.0 + static_cast<double>(step_ - 1) * opts_.lr_decay)),
-              static_cast<float>(group_weight_decay(g, opts_.weight_decay)), static_cast<float>(opts_.eps)};
+              static_cast<float>(group_weight_decay(g)), static_cast<float>(opts_.eps)};
     }
     float* sum = state_data(0);
     float* master = shard.master;

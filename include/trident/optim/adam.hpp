@@ -117,18 +117,8 @@ class basic_adam : public optimizer_base {
     run(store, shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
-  /// The hyperparameters (lr as now set).
-  options hyperparameters() const {
-    options o = opts_;
-    o.lr = lr_;
-    return o;
-  }
-  double weight_decay() const noexcept { return opts_.weight_decay; }
-  /// Sets the weight decay of the "decay" group and of custom groups that do not set their own.
-  void set_weight_decay(double wd) {
-    check_non_negative(name_, "weight_decay", wd);
-    opts_.weight_decay = wd;
-  }
+  /// The options as they are now (lr and weight decay may have changed since construction).
+  options hyperparameters() const { return current(opts_); }
   std::pair<double, double> betas() const noexcept { return {opts_.beta1, opts_.beta2}; }
   /// Sets (β1, β2), each in [0, 1) (sched::one_cycle cycles β1 through this).
   void set_betas(double beta1, double beta2) {
@@ -149,7 +139,7 @@ class basic_adam : public optimizer_base {
     std::vector<detail::adam_constants> k(groups_.size());
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       const double lr = lr_ * groups_[g].lr_scale;
-      const double wd = group_weight_decay(g, opts_.weight_decay);
+      const double wd = group_weight_decay(g);
       k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
               static_cast<float>(1.0 - opts_.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
               static_cast<float>(opts_.eps), static_cast<float>(wd), static_cast<float>(1.0 - lr * wd)};

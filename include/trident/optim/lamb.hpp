@@ -151,17 +151,8 @@ class lamb : public optimizer_base {
   /// The trust ratio of each tensor at the last step (DeepSpeed's get_lamb_coeffs()).
   const std::vector<double>& trust_ratios() const noexcept { return ratios_; }
 
-  options hyperparameters() const {
-    options o = opts_;
-    o.lr = lr_;
-    return o;
-  }
-  double weight_decay() const noexcept { return opts_.weight_decay; }
-  /// Sets the weight decay of the "decay" group and of custom groups that do not set their own.
-  void set_weight_decay(double wd) {
-    check_non_negative(name_, "weight_decay", wd);
-    opts_.weight_decay = wd;
-  }
+  /// The options as they are now (lr and weight decay may have changed since construction).
+  options hyperparameters() const { return current(opts_); }
   std::pair<double, double> betas() const noexcept { return {opts_.beta1, opts_.beta2}; }
   /// Sets (β1, β2), each in [0, 1) (sched::one_cycle cycles β1 through this).
   void set_betas(double beta1, double beta2) {
@@ -183,7 +174,7 @@ class lamb : public optimizer_base {
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       k[g] = {static_cast<float>(opts_.beta1), static_cast<float>(1.0 - opts_.beta1), static_cast<float>(opts_.beta2),
               static_cast<float>(1.0 - opts_.beta2), static_cast<float>(opts_.eps),
-              static_cast<float>(group_weight_decay(g, opts_.weight_decay))};
+              static_cast<float>(group_weight_decay(g))};
     }
     float* m = state_data(0);
     float* v = state_data(1);

@@ -198,6 +198,13 @@ class optimizer_base {
     check_lr(name_, lr);
     lr_ = lr;
   }
+  /// The weight decay of the "decay" group and of custom groups that do not set their own.
+  double weight_decay() const noexcept { return weight_decay_; }
+  /// Sets that weight decay; must be >= 0.
+  void set_weight_decay(double wd) {
+    check_non_negative(name_, "weight_decay", wd);
+    weight_decay_ = wd;
+  }
   /// Steps taken (PyTorch's state["step"]; bias corrections use it).
   std::int64_t step_count() const noexcept { return step_; }
   /// Restores the step count (checkpoint resume, after filling state_tensors()).
@@ -366,8 +373,17 @@ class optimizer_base {
     return zero_grad_in_step_ ? grads : nullptr;
   }
 
-  /// Weight decay of group g given the optimizer's own.
-  double group_weight_decay(std::size_t g, double optimizer_wd) const { return groups_[g].weight_decay.value_or(optimizer_wd); }
+  /// Weight decay of group g: its own, else the optimizer's.
+  double group_weight_decay(std::size_t g) const { return groups_[g].weight_decay.value_or(weight_decay_); }
+
+  /// An optimizer's options `o` with the values that can change after construction (lr from
+  /// schedulers, weight decay) as they are now: what hyperparameters() returns.
+  template <class Options>
+  Options current(Options o) const {
+    o.lr = lr_;
+    o.weight_decay = weight_decay_;
+    return o;
+  }
 
   /// Checks a shard against `store` and binds the optimizer to its range.
   template <class Policy>
@@ -392,6 +408,7 @@ class optimizer_base {
 
   const char* name_;
   double lr_ = 0;
+  double weight_decay_ = 0;  ///< set by each optimizer from its options
   std::int64_t step_ = 0;
   std::vector<group_spec> specs_;
   std::vector<param_group> groups_;

@@ -102,17 +102,8 @@ class sgd : public optimizer_base {
     run(shard, grad_scale, static_cast<typename P::gradient_type*>(nullptr));
   }
 
-  options hyperparameters() const {
-    options o = opts_;
-    o.lr = lr_;
-    return o;
-  }
-  double weight_decay() const noexcept { return opts_.weight_decay; }
-  /// Sets the weight decay of the "decay" group and of custom groups that do not set their own.
-  void set_weight_decay(double wd) {
-    check_non_negative(name_, "weight_decay", wd);
-    opts_.weight_decay = wd;
-  }
+  /// The options as they are now (lr and weight decay may have changed since construction).
+  options hyperparameters() const { return current(opts_); }
   double momentum() const noexcept { return opts_.momentum; }
   /// Sets μ (sched::one_cycle cycles it through this). Nesterov keeps needing μ > 0.
   void set_momentum(double mu) {
@@ -129,7 +120,7 @@ class sgd : public optimizer_base {
     const bool first = momentum && !buffer_started_;
     std::vector<detail::sgd_constants> k(groups_.size());
     for (std::size_t g = 0; g < groups_.size(); ++g) {
-      k[g] = {static_cast<float>(lr_ * groups_[g].lr_scale), static_cast<float>(group_weight_decay(g, opts_.weight_decay)),
+      k[g] = {static_cast<float>(lr_ * groups_[g].lr_scale), static_cast<float>(group_weight_decay(g)),
               static_cast<float>(opts_.momentum), static_cast<float>(1.0 - opts_.dampening)};
     }
     float* buf = momentum ? state_data(0) : nullptr;
