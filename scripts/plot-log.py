@@ -39,10 +39,16 @@ def main():
     ap.add_argument("logs", nargs="+")
     ap.add_argument("-o", "--output", default="curves.png")
     args = ap.parse_args()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    any_acc = False
-    for path in args.logs:
-        cols = read(path)
+    logs = [(path, read(path)) for path in args.logs]
+    def is_acc(name):
+        return name.endswith("acc") or name.endswith("accuracy")
+    any_acc = any(is_acc(name) and any(y == y for y in ys) for _, cols in logs for name, ys in cols.items())
+    if any_acc:
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    else:  # a language model's log: the loss alone, full width
+        fig, ax_loss = plt.subplots(1, 1, figsize=(7.5, 4.5))
+        ax_acc = None
+    for path, cols in logs:
         xname = next((c for c in ("step", "epoch", "iter") if c in cols), None)
         if xname is None:
             sys.exit(f"plot-log: {path} has none of the columns step, epoch, iter")
@@ -54,21 +60,19 @@ def main():
             xs, vs = zip(*pts)
             if name == "loss" or name.endswith("_loss"):
                 ax_loss.plot(xs, vs, label=f"{label}: {name}")
-            elif name.endswith("acc") or name.endswith("accuracy"):
+            elif is_acc(name):
                 ax_acc.plot(xs, vs, label=f"{label}: {name}")
-                any_acc = True
         ax_loss.set_xlabel(xname)
-        ax_acc.set_xlabel(xname)
+        if ax_acc is not None:
+            ax_acc.set_xlabel(xname)
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
-    if any_acc:
+    if ax_acc is not None:
         ax_acc.set_ylabel("accuracy")
         ax_acc.legend(fontsize=8)
         ax_acc.grid(alpha=0.3)
-    else:
-        ax_acc.set_visible(False)
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     print(f"plot-log: wrote {args.output}")
