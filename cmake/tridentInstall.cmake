@@ -1,5 +1,5 @@
 # Install rules: headers, exported targets and a package config with components, so that
-#   find_package(trident CONFIG REQUIRED COMPONENTS openmp mpi io cuda)
+#   find_package(trident CONFIG REQUIRED COMPONENTS openmp mpi io json cuda)
 # works from an installed prefix.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
@@ -7,7 +7,7 @@ include(CMakePackageConfigHelpers)
 install(DIRECTORY include/trident DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 
 set(_trident_export_targets trident)
-foreach(_c openmp mpi io cuda)
+foreach(_c openmp mpi io json cuda)
   if(TARGET trident_${_c})
     list(APPEND _trident_export_targets trident_${_c})
   endif()

@@ -5,6 +5,7 @@
 #   trident::openmp   + OpenMP threads in the CPU kernels
 #   trident::mpi      + MPI (for trident/mpi.hpp)
 #   trident::io       + zlib (for trident/io.hpp: IDX/.gz datasets such as Fashion-MNIST)
+#   trident::json     + nlohmann/json (for trident/config/deepspeed.hpp: DeepSpeed JSON configs)
 #   trident::cuda     + CUDA runtime, cuBLAS/cuBLASLt (for trident/cuda.hpp, nvcc TUs)
 
 include(GNUInstallDirs)  # CMAKE_INSTALL_INCLUDEDIR for the install interface below
@@ -41,6 +42,14 @@ if(ZLIB_FOUND)
   set_target_properties(trident_io PROPERTIES EXPORT_NAME io)
 endif()
 
+find_package(nlohmann_json 3 QUIET)
+if(nlohmann_json_FOUND)
+  add_library(trident_json INTERFACE)
+  add_library(trident::json ALIAS trident_json)
+  target_link_libraries(trident_json INTERFACE trident nlohmann_json::nlohmann_json)
+  set_target_properties(trident_json PROPERTIES EXPORT_NAME json)
+endif()
+
 set(TRIDENT_HAS_CUDA OFF)
 if(NOT TRIDENT_CUDA STREQUAL "OFF")
   if(NOT DEFINED CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
@@ -69,7 +78,7 @@ if(NOT TRIDENT_CUDA STREQUAL "OFF")
     message(FATAL_ERROR "TRIDENT_CUDA=ON but no CUDA compiler or CUDA Toolkit was found")
   endif()
 endif()
-message(STATUS "trident: OpenMP ${OpenMP_CXX_FOUND}, MPI ${MPI_CXX_FOUND}, zlib ${ZLIB_FOUND}, CUDA ${TRIDENT_HAS_CUDA}")
+message(STATUS "trident: OpenMP ${OpenMP_CXX_FOUND}, MPI ${MPI_CXX_FOUND}, zlib ${ZLIB_FOUND}, nlohmann_json ${nlohmann_json_FOUND}, CUDA ${TRIDENT_HAS_CUDA}")
 
 # Flags for trident's own tests, examples and benchmarks (never imposed on consumers).
 add_library(trident_project_options INTERFACE)
