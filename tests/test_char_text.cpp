@@ -203,6 +203,40 @@ TEST_CASE("char_text: batches are reproducible from the seed") {
   CHECK(t.batch_offsets(split::train, B, T, b) == next);
 }
 
+TEST_CASE("char_text: the ranks' shares of a global batch are the global batch, for any number of ranks") {
+  std::string s;
+  for (int i = 0; i < 3000; ++i) s += static_cast<char>('a' + (i * 17 + i / 5) % 26);
+  const auto t = io::char_text::from_string(s);
+  const index_t G = 12, T = 16;
+  // The single-process global batches, three in a row.
+  io::batch_rng ref_rng(42);
+  std::vector<std::int32_t> gx(3 * G * T), gy(gx.size());
+  for (int k = 0; k < 3; ++k) t.batch(split::train, G, T, ref_rng, gx.data() + k * G * T, gy.data() + k * G * T);
+  for (int world : {1, 2, 3, 4}) {
+    std::vector<std::int32_t> cx(gx.size()), cy(gy.size());
+    for (int rank = 0; rank < world; ++rank) {
+      io::batch_rng rng(42);  // every rank seeds alike
+      const index_t b = G / world;
+      std::vector<std::int32_t> x(b * T), y(b * T);
+      for (int k = 0; k < 3; ++k) {
+        t.shard_batch(split::train, G, T, rng, rank, world, x.data(), y.data());
+        std::copy(x.begin(), x.end(), cx.begin() + k * G * T + rank * b * T);
+        std::copy(y.begin(), y.end(), cy.begin() + k * G * T + rank * b * T);
+      }
+      CHECK(rng.position() == ref_rng.position());  // the same stream position on every rank
+    }
+    INFO("world " << world);
+    CHECK(cx == gx);
+    CHECK(cy == gy);
+  }
+  io::batch_rng rng(1);
+  std::vector<std::int32_t> x(G * T), y(G * T);
+  CHECK_THROWS_WITH_AS(t.shard_batch(split::train, G, T, rng, 0, 5, x.data(), y.data()),
+                       doctest::Contains("not a multiple of world_size 5"), error);
+  CHECK_THROWS_WITH_AS(t.shard_batch(split::train, G, T, rng, 4, 4, x.data(), y.data()), doctest::Contains("rank 4"), error);
+  CHECK_THROWS_AS(t.shard_batch(split::train, G, T, rng, 0, 0, x.data(), y.data()), error);
+}
+
 TEST_CASE("char_text: offsets cover [0, len - block - 1] and never go past it") {
   // val split of 40 tokens, block 8: offsets in 0..31 (32 values).
   std::string s(400, 'x');

@@ -366,6 +366,35 @@ class char_text {
     batch(s, batch_size, block, rng, x.data(), y.data());
   }
 
+  /// Rank `rank` of `world_size`'s share of a global batch (data parallel): every rank draws the
+  /// same global_batch offsets from its copy of `rng` (all ranks must seed it alike) and keeps
+  /// rows [rank * b, (rank + 1) * b), b = global_batch / world_size, into x and y (b * block
+  /// each). The ranks' shares, in rank order, are exactly batch(s, global_batch, ...), so the
+  /// global batch does not depend on the number of ranks, and every rank's rng ends in the same
+  /// state. Throws trident::error when world_size < 1, rank is outside [0, world_size) or
+  /// global_batch is not a multiple of world_size, and as batch_offsets otherwise.
+  void shard_batch(split s, index_t global_batch, index_t block, batch_rng& rng, int rank, int world_size, std::int32_t* x,
+                   std::int32_t* y) const {
+    const std::string who = "trident::io::char_text::shard_batch: ";
+    if (world_size < 1) throw error(who + "world_size " + std::to_string(world_size) + " must be at least 1");
+    if (rank < 0 || rank >= world_size) {
+      throw error(who + "rank " + std::to_string(rank) + " is outside 0.." + std::to_string(world_size - 1));
+    }
+    if (global_batch % world_size != 0) {
+      throw error(who + "the global batch " + std::to_string(global_batch) + " is not a multiple of world_size " +
+                  std::to_string(world_size) + " (each rank takes an equal share)");
+    }
+    const auto offsets = batch_offsets(s, global_batch, block, rng);
+    const std::int32_t* data = tokens(s).data();
+    const index_t b = global_batch / world_size;
+    const auto row = static_cast<std::size_t>(block);
+    for (index_t i = 0; i < b; ++i) {
+      const index_t o = offsets[static_cast<std::size_t>(rank * b + i)];
+      std::memcpy(x + static_cast<std::size_t>(i) * row, data + o, row * sizeof(std::int32_t));
+      std::memcpy(y + static_cast<std::size_t>(i) * row, data + o + 1, row * sizeof(std::int32_t));
+    }
+  }
+
   /// "train" or "val".
   static constexpr const char* split_name(split s) noexcept { return s == split::train ? "train" : "val"; }
 
