@@ -50,26 +50,20 @@ float pattern(index_t i, std::uint32_t salt) {
 
 int main(int argc, char** argv) {
   index_t elements = index_t{64} << 20;
-  int tensors = 1, rounds = 5;
-  double min_seconds = 1.0;
-  bool json = false;
+  int tensors = 1;
+  bench::run_options args{5, 1.0};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--elements") && i + 1 < argc) {
       elements = std::atoll(argv[++i]);
     } else if (!std::strcmp(argv[i], "--tensors") && i + 1 < argc) {
       tensors = std::atoi(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--rounds") && i + 1 < argc) {
-      rounds = std::atoi(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--min-seconds") && i + 1 < argc) {
-      min_seconds = std::atof(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--json")) {
-      json = true;
+    } else if (args.parse(i, argc, argv)) {
     } else {
       std::fprintf(stderr, "usage: %s [--elements N] [--tensors K] [--rounds R] [--min-seconds S] [--json]\n", argv[0]);
       return 2;
     }
   }
-  if (elements <= 0 || tensors <= 0 || rounds <= 0 || elements % tensors != 0) {
+  if (elements <= 0 || tensors <= 0 || args.rounds <= 0 || elements % tensors != 0) {
     std::fprintf(stderr, "bench_adamw: elements must be a positive multiple of tensors, rounds positive\n");
     return 2;
   }
@@ -123,18 +117,18 @@ int main(int argc, char** argv) {
   const int threads = cpu_kernels::available_threads();
   std::printf("# bench_adamw: %lld parameters in %d tensor(s), %d threads, %d rounds, check after %d steps: "
               "max rel. error %.2e -> %s\n",
-              static_cast<long long>(store.count()), tensors, threads, rounds, check_steps, err, ok ? "ok" : "FAILED");
+              static_cast<long long>(store.count()), tensors, threads, args.rounds, check_steps, err, ok ? "ok" : "FAILED");
   const double bytes = 28.0 * static_cast<double>(store.count());
   std::vector<double> ms, gbps, tri, frac;
-  for (int r = 0; r < rounds; ++r) {
+  for (int r = 0; r < args.rounds; ++r) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     tri.push_back(triad.gbps(5));
-    const double s = bench::median_seconds_per_call([&] { opt.step(store); }, min_seconds);
+    const double s = bench::median_seconds_per_call([&] { opt.step(store); }, args.min_seconds);
     ms.push_back(s * 1e3);
     gbps.push_back(bytes / s * 1e-9);
     frac.push_back(gbps.back() / tri.back());
   }
-  std::printf("| metric | median [min, max] over %d rounds |\n|---|---|\n", rounds);
+  std::printf("| metric | median [min, max] over %d rounds |\n|---|---|\n", args.rounds);
   std::printf("| ours AdamW ms/step | %s |\n", bench::spread(ms).c_str());
   std::printf("| ours AdamW GB/s (28 B/param) | %s |\n", bench::spread(gbps).c_str());
   std::printf("| ours AdamW Mparam/s | %.1f |\n", static_cast<double>(store.count()) / bench::median(ms) * 1e-3);
@@ -142,7 +136,7 @@ int main(int argc, char** argv) {
   std::printf("| AdamW GB/s / triad GB/s | %s |\n", bench::spread(frac, "%.3f").c_str());
   // The triad's real traffic is 16 B/element (the write-allocate of a); AdamW's is its 28 B.
   std::printf("| AdamW / triad, real traffic (28 B vs 16 B) | %.3f |\n", bench::median(frac) * 12.0 / 16.0);
-  if (json) {
+  if (args.json) {
     std::printf("{\"bench\":\"adamw\",\"threads\":%d,\"params\":%lld,\"tensors\":%d,\"ms_step\":%.4f,\"gbps\":%.3f,"
                 "\"triad_gbps\":%.3f,\"frac_triad\":%.4f,\"err\":%.3g}\n",
                 threads, static_cast<long long>(store.count()), tensors, bench::median(ms), bench::median(gbps),

@@ -45,20 +45,16 @@
 #include <omp.h>
 #endif
 
+#include "common.hpp"
+
 extern "C" void openblas_set_num_threads(int);
 
 namespace {
 
 // (cblas.h declares its own global `bfloat16`: ours is always spelled trident::bfloat16 here.)
 using trident::index_t;
-using clock_type = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using trident::bench::clock_type;
+using trident::bench::median;
 
 /// Allocator with 64-byte alignment.
 template <class T>
@@ -137,19 +133,11 @@ struct impl {
 
 int main(int argc, char** argv) {
   std::vector<index_t> sizes = {256, 512, 1024, 2048};
-  int rounds = 7;
-  double min_seconds = 0.25;
-  bool json = false;
+  trident::bench::run_options args{7, 0.25};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--sizes") && i + 1 < argc) {
       sizes = parse_sizes(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--rounds") && i + 1 < argc) {
-      rounds = std::atoi(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--min-seconds") && i + 1 < argc) {
-      min_seconds = std::atof(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--json")) {
-      json = true;
-    } else {
+    } else if (!args.parse(i, argc, argv)) {
       std::fprintf(stderr, "usage: %s [--sizes 256,512,...] [--rounds N] [--min-seconds S] [--json]\n", argv[0]);
       return 2;
     }
@@ -238,14 +226,14 @@ int main(int argc, char** argv) {
 
     const double flops = 2.0 * double(n) * double(n) * double(n);
     std::vector<double> ratio_blas, ratio_eigen, ceiling, frac_ceiling;
-    for (int r = 0; r < rounds; ++r) {
+    for (int r = 0; r < args.rounds; ++r) {
       std::this_thread::sleep_for(std::chrono::milliseconds(150));
-      ceiling.push_back(fma_ceiling_gflops(0.1));
+      ceiling.push_back(trident::bench::fma_ceiling_gflops(0.1));
       double gf[n_impls];
       for (int i = 0; i < n_impls; ++i) {
         // Let the previous library's threads go idle (OpenBLAS spins ~0.1 s after a call).
         std::this_thread::sleep_for(std::chrono::milliseconds(150));
-        gf[i] = flops / time_per_call(impls[i].run, min_seconds) * 1e-9;
+        gf[i] = flops / time_per_call(impls[i].run, args.min_seconds) * 1e-9;
         impls[i].gflops.push_back(gf[i]);
       }
       frac_ceiling.push_back(gf[0] / ceiling.back());
@@ -278,7 +266,7 @@ int main(int argc, char** argv) {
     first_json = false;
   }
   json_line += "]}";
-  if (json) std::printf("%s\n", json_line.c_str());
+  if (args.json) std::printf("%s\n", json_line.c_str());
   return all_ok ? 0 : 1;
 }
 

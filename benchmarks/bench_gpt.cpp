@@ -122,9 +122,8 @@ int memory_report(const shape_spec& sh, bool checkpoint) {
 
 int main(int argc, char** argv) {
   shape_spec sh = small_shape;
-  int rounds = 3;
-  double min_seconds = 2.0;
-  bool json = false, memory = false, checkpoint = false;
+  bench::run_options args{3, 2.0};
+  bool memory = false, checkpoint = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
       const std::string v = argv[++i];
@@ -136,12 +135,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "bench_gpt: --shape takes small or large, got '%s'\n", v.c_str());
         return 2;
       }
-    } else if (!std::strcmp(argv[i], "--rounds") && i + 1 < argc) {
-      rounds = std::atoi(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--min-seconds") && i + 1 < argc) {
-      min_seconds = std::atof(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--json")) {
-      json = true;
+    } else if (args.parse(i, argc, argv)) {
     } else if (!std::strcmp(argv[i], "--memory")) {
       memory = true;
     } else if (!std::strcmp(argv[i], "--checkpoint")) {
@@ -162,9 +156,9 @@ int main(int argc, char** argv) {
     run<policy<bf16_mixed, cpu>> b16(sh);
     const double fpt = f32.flop_per_token();
     std::vector<double> tf, tb, ceiling, mfu_f, mfu_b;
-    for (int r = 0; r < rounds; ++r) {
-      tf.push_back(static_cast<double>(f32.tokens()) / bench::median_seconds_per_call([&] { f32.step(); }, min_seconds));
-      tb.push_back(static_cast<double>(b16.tokens()) / bench::median_seconds_per_call([&] { b16.step(); }, min_seconds));
+    for (int r = 0; r < args.rounds; ++r) {
+      tf.push_back(static_cast<double>(f32.tokens()) / bench::median_seconds_per_call([&] { f32.step(); }, args.min_seconds));
+      tb.push_back(static_cast<double>(b16.tokens()) / bench::median_seconds_per_call([&] { b16.step(); }, args.min_seconds));
       ceiling.push_back(bench::fma_ceiling_gflops(0.2));
       mfu_f.push_back(tf.back() * fpt * 1e-9 / ceiling.back());
       mfu_b.push_back(tb.back() * fpt * 1e-9 / ceiling.back());
@@ -173,7 +167,7 @@ int main(int argc, char** argv) {
                 "N = %lld, %.2f MFLOP/token; loss over 20 steps: fp32 %.3f -> %.3f, bf16_mixed %.3f -> %.3f -> %s\n",
                 sh.name, static_cast<long long>(sh.block), static_cast<long long>(sh.batch),
                 static_cast<long long>(sh.layers), static_cast<long long>(sh.heads), static_cast<long long>(sh.width),
-                cpu_kernels::available_threads(), rounds, static_cast<long long>(f32.model.parameter_count()), fpt * 1e-6,
+                cpu_kernels::available_threads(), args.rounds, static_cast<long long>(f32.model.parameter_count()), fpt * 1e-6,
                 f0, f1, b0, b1, ok ? "ok" : "NOT LEARNING");
     if (!ok) return 1;
     std::printf("| precision | tokens/s | GFLOP/s | MFU (vs FMA ceiling) |\n|---|---|---|---|\n");
@@ -182,7 +176,7 @@ int main(int argc, char** argv) {
     std::printf("| ours bf16_mixed | %s | %.1f | %.3f |\n", bench::spread(tb, "%.0f").c_str(), bench::median(tb) * fpt * 1e-9,
                 bench::median(mfu_b));
     std::printf("# FMA ceiling (fp32): %s GFLOP/s\n", bench::spread(ceiling, "%.0f").c_str());
-    if (json) {
+    if (args.json) {
       std::printf("{\"bench\":\"gpt\",\"shape\":\"%s\",\"threads\":%d,\"fp32\":%.1f,\"bf16_mixed\":%.1f,\"ceiling\":%.1f,"
                   "\"mflop_per_token\":%.4f}\n",
                   sh.name, cpu_kernels::available_threads(), bench::median(tf), bench::median(tb), bench::median(ceiling),

@@ -180,18 +180,12 @@ int memory_report(index_t batch) {
 
 int main(int argc, char** argv) {
   index_t batch = 256;
-  int rounds = 5;
-  double min_seconds = 1.0;
-  bool json = false, memory = false;
+  bench::run_options args{5, 1.0};
+  bool memory = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) {
       batch = std::atoll(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--rounds") && i + 1 < argc) {
-      rounds = std::atoi(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--min-seconds") && i + 1 < argc) {
-      min_seconds = std::atof(argv[++i]);
-    } else if (!std::strcmp(argv[i], "--json")) {
-      json = true;
+    } else if (args.parse(i, argc, argv)) {
     } else if (!std::strcmp(argv[i], "--memory")) {
       memory = true;
     } else {
@@ -199,7 +193,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (batch <= 0 || rounds <= 0) {
+  if (batch <= 0 || args.rounds <= 0) {
     std::fprintf(stderr, "bench_mlp: batch and rounds must be positive\n");
     return 2;
   }
@@ -233,15 +227,15 @@ int main(int argc, char** argv) {
   const int threads = cpu_kernels::available_threads();
   std::printf("# bench_mlp: 784-1024-1024-10, batch %lld, %d threads, %d rounds; gradients vs fp64: fp32 %.2e, "
               "bf16_mixed %.2e -> %s; loss over 21 steps: fp32 %.3f -> %.3f, bf16_mixed %.3f -> %.3f, gradients left %s -> %s\n",
-              static_cast<long long>(batch), threads, rounds, err32, err16, ok ? "ok" : "FAILED", first32, l32, first16, l16,
+              static_cast<long long>(batch), threads, args.rounds, err32, err16, ok ? "ok" : "FAILED", first32, l32, first16, l16,
               zeroed ? "zero" : "NONZERO", learns ? "ok" : "FAILED");
 
   const double samples = static_cast<double>(batch);
   std::vector<double> sps32, sps16, ratio;
-  for (int r = 0; r < rounds; ++r) {
+  for (int r = 0; r < args.rounds; ++r) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    sps32.push_back(samples / bench::median_seconds_per_call([&] { f32.step(); }, min_seconds));
-    sps16.push_back(samples / bench::median_seconds_per_call([&] { b16.step(); }, min_seconds));
+    sps32.push_back(samples / bench::median_seconds_per_call([&] { f32.step(); }, args.min_seconds));
+    sps16.push_back(samples / bench::median_seconds_per_call([&] { b16.step(); }, args.min_seconds));
     ratio.push_back(sps16.back() / sps32.back());
   }
   auto gflops = [&](const std::vector<double>& sps) {
@@ -254,7 +248,7 @@ int main(int argc, char** argv) {
   std::printf("| ours bf16_mixed | %s | %s |\n", bench::spread(sps16, "%.0f").c_str(),
               bench::spread(gflops(sps16), "%.1f").c_str());
   std::printf("# bf16_mixed / fp32: %s (median [min, max] of the per-round ratios)\n", bench::spread(ratio, "%.3f").c_str());
-  if (json) {
+  if (args.json) {
     std::printf("{\"bench\":\"mlp\",\"threads\":%d,\"batch\":%lld,\"fp32\":%.1f,\"bf16_mixed\":%.1f,\"ratio_bf16\":%.4f,"
                 "\"err_fp32\":%.3g,\"err_bf16\":%.3g,\"loss_fp32\":%.4f,\"loss_bf16\":%.4f}\n",
                 threads, static_cast<long long>(batch), bench::median(sps32), bench::median(sps16), bench::median(ratio),

@@ -7,15 +7,39 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include <trident/backend/cpu/device.hpp>
 #include <trident/core/tensor.hpp>
 
 namespace trident::bench {
 
 using clock_type = std::chrono::steady_clock;
+
+/// The options every benchmark takes: --rounds R, --min-seconds S (per measurement), --json.
+struct run_options {
+  int rounds;
+  double min_seconds;
+  bool json = false;
+
+  /// Consumes argv[i] (and its value, moving i onto it) when it is one of these options.
+  bool parse(int& i, int argc, char** argv) {
+    const std::string a = argv[i];
+    if (a == "--rounds" && i + 1 < argc) {
+      rounds = std::atoi(argv[++i]);
+    } else if (a == "--min-seconds" && i + 1 < argc) {
+      min_seconds = std::atof(argv[++i]);
+    } else if (a == "--json") {
+      json = true;
+    } else {
+      return false;
+    }
+    return true;
+  }
+};
 
 /// The median (0 for an empty vector).
 inline double median(std::vector<double> v) {
