@@ -19,21 +19,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 
+from timing import median_seconds_per_call  # benchmarks/peers/timing.py
+
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
-
-
-def median_ms_per_call(fn, min_seconds, min_calls=3):
-    fn()
-    times = []
-    while sum(times) < min_seconds or len(times) < min_calls:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def make(kind, n, tensors):
@@ -73,7 +64,7 @@ def main():
     with torch.no_grad():
         for _ in range(args.rounds):
             for kind, opt in opts.items():
-                times[kind].append(median_ms_per_call(opt.step, args.min_seconds))
+                times[kind].append(median_seconds_per_call(opt.step, args.min_seconds) * 1e3)
     med = {k: round(statistics.median(v), 3) for k, v in times.items()}
     best = min(med, key=med.get)
     print(json.dumps({"bench": "torch_adamw", "threads": args.threads, "torch": torch.__version__,

@@ -47,11 +47,12 @@ import os
 import resource
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from timing import median_seconds_per_call  # benchmarks/peers/timing.py
 
 SHAPES = {
     # name: (block, batch, n_layer, n_head, n_embd, N from docs/BENCHMARKS.md)
@@ -185,16 +186,6 @@ def make_step(shape, bf16, foreach, warmup=10):
     # The loss must fall on the fixed batch (it starts near ln 65 = 4.17).
     assert last < 0.98 * first, "torch_gpt: the loss did not fall (%.4f -> %.4f)" % (first, last)
     return model, step
-
-
-def median_seconds_per_call(fn, min_seconds, min_calls=3):
-    fn()
-    times = []
-    while sum(times) < min_seconds or len(times) < min_calls:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

@@ -18,20 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 from torch import nn
 
-
-def median_seconds_per_call(fn, min_seconds, min_calls=3):
-    fn()
-    times = []
-    while sum(times) < min_seconds or len(times) < min_calls:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from timing import median_seconds_per_call  # benchmarks/peers/timing.py
 
 
 def make_step(batch, bf16):
