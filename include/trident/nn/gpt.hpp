@@ -167,7 +167,6 @@ class gpt {
     }
     ln_f_ = std::make_unique<layer_norm<Policy>>(store, "ln_f", cfg.n_embd, 1e-5, true, cfg.bias);
     head_ = std::make_unique<linear<Policy>>(store, "lm_head", wte_.weight(), false);
-    head_->set_input_grad(true);
   }
 
   const gpt_config& config() const noexcept { return cfg_; }
@@ -211,8 +210,10 @@ class gpt {
     tensor_view<S, D> x = wte_.forward(ctx, tokens, {batch, t, cfg_.n_embd}, &wpe_);
     embed_dropping_ = ctx.training && cfg_.dropout > 0.0;
     if (embed_dropping_) x = drop_.forward(ctx, x);
-    inputs_.assign(blocks_.size(), {});
-    rng_at_.assign(blocks_.size(), generator{});
+    if (checkpoint_) {
+      inputs_.assign(blocks_.size(), {});
+      rng_at_.assign(blocks_.size(), generator{});
+    }
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       if (!checkpoint_) {
         x = blocks_[i].forward(ctx, x);
