@@ -222,8 +222,9 @@ TEST_CASE_TEMPLATE("zero: an fp16 overflow on one rank skips the step on every r
     const index_t b = global_batch * comm.rank() / ranks, e = global_batch * (comm.rank() + 1) / ranks;
     for (int s = 0; s < 4; ++s) {
       m.store.zero_grad();
-      m.backward(s, b, e, dist.loss_scale());
-      if (s == 2 && comm.rank() == 1) m.store.grads().data()[m.store.infos()[2].offset + 3] = half(std::numeric_limits<float>::infinity());
+      // rank 1's backward overflows at step 2 (a loss scale far past fp16's range); the data
+      // parallel reduction runs inside backward, so the overflow must arise there
+      m.backward(s, b, e, s == 2 && comm.rank() == 1 ? 1e30 : dist.loss_scale());
       me.scales.push_back(dist.loss_scale());
       me.applied.push_back(dist.step(opt).applied);
       me.params.push_back(m.params());
@@ -375,4 +376,91 @@ TEST_CASE("zero: gradient accumulation over micro-batches and master_from_params
   for (std::size_t i = 0; i < one[0].size(); ++i) worst = std::max(worst, std::fabs(double(one[0][i]) - two[0][i]) / (1e-3 + 1e-2 * std::fabs(one[0][i])));
   CHECK(worst <= 1.0);
   CHECK(one[0] == one[1]);
+}
+
+TEST_CASE("zero: data parallel reduces the gradients during backward once every tensor reports") {
+  // Two ranks on different rows: after backward (before step) the gradients are already the
+  // average over the ranks when the overlap is on, and still each rank's own inside no_sync().
+  using P = policy<fp32, cpu, data_parallel>;
+  std::vector<std::vector<float>> after(2), local(2), reference(1);
+  {
+    // the average of the two ranks' gradients, computed by one process
+    mlp<single_policy<fp32>> m;
+    m.store.zero_grad();
+    m.backward(1, 0, 12, 0.5);
+    m.backward(1, 12, 24, 0.5);
+    reference[0].assign(m.store.grads().data(), m.store.grads().data() + m.store.size());
+  }
+  run_ranks(2, [&](thread_comm& comm) {
+    mlp<P> m;
+    optim::sgd opt({.lr = 0.1});
+    // buckets of 100 elements end inside tensors; 3 in flight at most
+    parallel::distributed_step<P, thread_comm> dist(m.store, comm, {.reduce_bucket_size = 100, .max_in_flight = 3});
+    const index_t b = 12 * comm.rank(), e = b + 12;
+    const auto r = static_cast<std::size_t>(comm.rank());
+    CHECK_FALSE(dist.overlapping());  // not before a backward has reported every tensor
+    m.store.zero_grad();
+    m.backward(0, b, e, 1.0);
+    dist.step(opt);
+    CHECK(dist.overlapping());
+    // step 1, with the params of step 0 restored so that the single-process reference applies
+    {
+      mlp<P> fresh;
+      copy(fresh.store.params(), m.store.params());
+    }
+    m.store.zero_grad();
+    {
+      auto guard = dist.no_sync();
+      CHECK_FALSE(dist.overlapping());
+      m.backward(1, b, e, 1.0);
+    }
+    local[r].assign(m.store.grads().data(), m.store.grads().data() + m.store.size());
+    m.store.zero_grad();
+    m.backward(1, b, e, 1.0);
+    after[r].assign(m.store.grads().data(), m.store.grads().data() + m.store.size());
+  });
+  CHECK(local[0] != local[1]);   // no_sync: each rank's own gradient
+  CHECK(after[0] == after[1]);   // reduced during backward, identically on both ranks
+  double worst = 0;
+  for (std::size_t i = 0; i < after[0].size(); ++i) {
+    worst = std::max(worst, std::fabs(double(after[0][i]) - reference[0][i]) / (1e-7 + 1e-6 * std::fabs(reference[0][i])));
+  }
+  CHECK(worst <= 1.0);
+}
+
+TEST_CASE("zero: data parallel with accumulation in no_sync() matches one micro-batch per rank") {
+  using P = policy<fp32, cpu, data_parallel>;
+  std::vector<std::vector<float>> one(2), two(2), every(2);
+  for (int variant = 0; variant < 3; ++variant) {
+    run_ranks(2, [&](thread_comm& comm) {
+      mlp<P> m;
+      optim::adamw opt({.lr = 1e-2});
+      parallel::distributed_step<P, thread_comm> dist(m.store, comm, {.reduce_bucket_size = 64});
+      const index_t b = 12 * comm.rank(), e = b + 12;
+      for (int s = 0; s < 3; ++s) {
+        m.store.zero_grad();
+        if (variant == 0) {
+          m.backward(s, b, e, 1.0);
+        } else {
+          if (variant == 1) {
+            auto guard = dist.no_sync();
+            m.backward(s, b, b + 6, 0.5);
+          } else {
+            m.backward(s, b, b + 6, 0.5);
+          }
+          m.backward(s, b + 6, e, 0.5);  // variant 2: every micro-batch reduces the running sum
+        }
+        dist.step(opt);
+      }
+      (variant == 0 ? one : variant == 1 ? two : every)[static_cast<std::size_t>(comm.rank())] = m.params();
+    });
+  }
+  for (const auto* v : {&two, &every}) {
+    CHECK((*v)[0] == (*v)[1]);
+    double worst = 0;
+    for (std::size_t i = 0; i < one[0].size(); ++i) {
+      worst = std::max(worst, std::fabs(double(one[0][i]) - (*v)[0][i]) / (1e-6 + 1e-5 * std::fabs(one[0][i])));
+    }
+    CHECK(worst <= 1.0);
+  }
 }

@@ -152,7 +152,7 @@ struct zero_config {
   /// key is absent this is parallel::distributed_options' default (2^24).
   std::int64_t reduce_bucket_size = parallel::distributed_options{}.reduce_bucket_size;
   std::int64_t allgather_bucket_size = 500000000;  ///< recorded (ZeRO-1/2 all-gather the parameters in one pass)
-  bool overlap_comm = false;                       ///< recorded (buckets are always launched during backward)
+  bool overlap_comm = false;                       ///< recorded (data parallel always launches its all-reduces during backward)
   bool contiguous_gradients = true;                ///< recorded (the gradients are one flat buffer anyway)
   std::int64_t stage3_prefetch_bucket_size = 50000000;       ///< recorded for ZeRO-3
   std::int64_t stage3_param_persistence_threshold = 100000;  ///< recorded for ZeRO-3

@@ -120,6 +120,8 @@ class batch_norm {
     conv_kernels<D>::batch_norm_backward(ctx.memory, dx, store_->grad(gamma_), store_->grad(beta_), dy, x_,
                                          tensor_view<const stat_type, D>(mean_), tensor_view<const stat_type, D>(invstd_),
                                          param(gamma_), c_, batch_stats_);
+    store_->grad_ready(gamma_);
+    store_->grad_ready(beta_);
     return dx;
   }
 

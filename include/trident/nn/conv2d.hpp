@@ -174,6 +174,8 @@ class conv2d {
     if (bias_.valid()) db = store_->grad(bias_);
     conv_kernels<D>::conv2d_backward(ctx.memory, input_grad_ ? dx : tensor_view<S, D>{}, store_->grad(weight_), db, dy, y_,
                                      x_, tensor_view<const S, D>(store_->param(weight_)), geom_, act_);
+    store_->grad_ready(weight_);
+    store_->grad_ready(bias_);
     if (!input_grad_) fill(dx, 0.0);
     return dx;
   }

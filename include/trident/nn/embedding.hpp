@@ -97,6 +97,8 @@ class embedding {
     tensor_view<typename Policy::gradient_type, D> dpos{};
     if (positions != nullptr) dpos = positions->store_->grad(positions->weight_);
     nn_kernels<D>::embedding_backward(store_->grad(weight_), ids_.data(), dy, dpos, period_);
+    store_->grad_ready(weight_);
+    if (positions != nullptr) positions->store_->grad_ready(positions->weight_);
   }
 
  private:

@@ -74,6 +74,8 @@ class layer_norm {
     if (beta_.valid()) db = store_->grad(beta_);
     nn_kernels<D>::layer_norm_backward(dx, dg, db, dy, x_, tensor_view<const stat_type, D>(mean_),
                                        tensor_view<const stat_type, D>(rstd_), gamma());
+    store_->grad_ready(gamma_);
+    store_->grad_ready(beta_);
     return dx;
   }
 

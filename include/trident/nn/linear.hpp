@@ -154,7 +154,9 @@ class linear {
       sum(dz, 0, db);
       auto g = store_->grad(bias_);
       add(g, db, g);
+      store_->grad_ready(bias_);
     }
+    if (!tied_) store_->grad_ready(weight_);  // a tied weight is reported by its owner
     if (!input_grad_) return {};
     // dx = dz W
     auto dx = ctx.template allocate<S>({rows, in_});

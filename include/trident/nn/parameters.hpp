@@ -44,6 +44,18 @@ struct parameter_handle {
   bool valid() const noexcept { return index >= 0; }
 };
 
+/// Told by a parameter_store, during backward, that a tensor's gradient is final for this
+/// backward pass (parameter_store::grad_ready). Data parallel listens to start reducing the
+/// gradients of the layers backward has finished while it still runs on the earlier ones.
+class gradient_listener {
+ public:
+  /// Tensor `index` (declaration order) has received its last contribution of this backward.
+  virtual void gradient_ready(int index) = 0;
+
+ protected:
+  ~gradient_listener() = default;
+};
+
 /// The flat parameter, gradient and master buffers of one model.
 /// @tparam Policy the policy bundle (precision and device)
 template <policy_bundle Policy>
@@ -159,6 +171,19 @@ class parameter_store {
   /// Sets every gradient to zero (start of an accumulation window).
   void zero_grad() { fill(checked(grads_), 0.0); }
 
+  /// What a module's backward calls once it has accumulated its last contribution of the pass
+  /// into the gradient of `h`, a tensor it owns (a layer that uses another module's tensor, as
+  /// a tied output head uses the token embedding, leaves the call to the owner, whose backward
+  /// runs last). Tells the listener, if any; a no-op otherwise. Backward runs the modules in
+  /// reverse order of declaration, so the gradients become final from the end of the flat
+  /// buffer towards its start.
+  void grad_ready(parameter_handle h) {
+    if (listener_ != nullptr && h.valid()) listener_->gradient_ready(h.index);
+  }
+  /// Installs the listener grad_ready() tells (nullptr: none). Not owned; one at a time.
+  void set_gradient_listener(gradient_listener* l) noexcept { listener_ = l; }
+  gradient_listener* listener() const noexcept { return listener_; }
+
   /// After initialising params (or loading them): master = params. No-op under fp32.
   void master_from_params() {
     if constexpr (separate_master) copy(checked(params_), checked(master_));
@@ -202,6 +227,7 @@ class parameter_store {
   index_t total_ = 0;
   bool allocated_ = false;
   bool master_released_ = false;
+  gradient_listener* listener_ = nullptr;
   tensor<storage_type, device> params_;
   tensor<gradient_type, device> grads_;
   tensor<master_type, device> master_;

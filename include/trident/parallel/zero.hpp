@@ -12,7 +12,19 @@
 ///   `reduce_bucket_size` elements, up to `max_in_flight` non-blocking collectives at a time;
 ///   then every rank takes the ordinary whole-store optimizer step on identical gradients.
 ///   Each rank keeps everything: params, grads, master, optimizer state (DeepSpeed's 16Ψ for
-///   mixed-precision Adam).
+///   mixed-precision Adam). The all-reduces start while backward is still running: the step
+///   listens to the store (nn::gradient_listener), the modules report each tensor whose
+///   gradient is final (parameter_store::grad_ready), and as soon as every tensor from a
+///   bucket's start to the end of the buffer is final (backward runs in reverse order of
+///   declaration) that bucket's all-reduce is launched; the last one is waited for when the
+///   last tensor is reported, so the reduction is done when backward returns. This overlap is
+///   switched on after a first backward in which every tensor was reported (a model with a
+///   module that does not report keeps the reduction in step(), which is always correct).
+///   With gradient accumulation, wrap the micro-batches before the last in `no_sync()`, as
+///   with PyTorch's DistributedDataParallel: their backward then reduces nothing, and the
+///   last one reduces the sum (without it every micro-batch's backward reduces the running
+///   sum, which is correct, since an average of equal values is that value, but costs a
+///   reduction per micro-batch).
 /// - `zero<1>`: the flat buffers are padded to N equal, 64-byte-aligned partitions (N ranks);
 ///   rank r owns flat elements [r·P, (r+1)·P). Gradients are reduce-scattered (average) in
 ///   buckets: each bucket packs the ranks' k-th chunk of every partition into a staging
@@ -80,6 +92,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../core/error.hpp"
 #include "../core/policy.hpp"
@@ -224,7 +237,7 @@ memory_report estimate_memory(index_t elements, int ranks, int state_buffers, co
 /// @tparam Policy the policy bundle; its strategy is data_parallel, zero<1> or zero<2>, its device cpu
 /// @tparam Comm a communicator (thread_comm, mpi_comm, local_comm)
 template <policy_bundle Policy, communicator Comm>
-class distributed_step {
+class distributed_step : private nn::gradient_listener {
  public:
   using strategy = typename Policy::strategy;
   using storage_type = typename Policy::storage_type;
@@ -279,11 +292,45 @@ class distributed_step {
       begin_ = n * rank_ / ranks_;
       end_ = n * (rank_ + 1) / ranks_;
       part_ = end_ - begin_;
+      ready_.assign(store.infos().size(), 0);
+      start_round();
+      store.set_gradient_listener(this);
     }
   }
 
   distributed_step(const distributed_step&) = delete;
   distributed_step& operator=(const distributed_step&) = delete;
+
+  /// Stops listening to the store; waits for the collectives still in flight.
+  ~distributed_step() {
+    if constexpr (stage == 0) {
+      if (store_.listener() == this) store_.set_gradient_listener(nullptr);
+      for (auto& r : inflight_) {
+        try {
+          r.wait();
+        } catch (...) {  // a destructor cannot report it; the next collective on the communicator will
+        }
+      }
+    }
+  }
+
+  /// While the returned guard lives, backward passes (data parallel) start no reduction: for
+  /// the micro-batches of an accumulation window before the last, as PyTorch's no_sync().
+  /// step() reduces whatever was not reduced, so forgetting to leave it costs only the overlap.
+  [[nodiscard]] auto no_sync() {
+    struct guard {
+      distributed_step* s;
+      bool was;
+      explicit guard(distributed_step* x) : s(x), was(x->sync_) { s->sync_ = false; }
+      guard(const guard&) = delete;
+      guard& operator=(const guard&) = delete;
+      ~guard() { s->sync_ = was; }
+    };
+    return guard(this);
+  }
+  /// Whether backward passes reduce their gradients as they go (data parallel; false inside
+  /// no_sync() and before a first backward has reported every tensor).
+  bool overlapping() const noexcept { return stage == 0 && overlap_ && sync_; }
 
   /// After the last micro-batch's backward on every rank: reduces the gradients, decides the
   /// step as all ranks agree (clip factor, fp16 overflow skip and loss scale), steps `opt`
@@ -293,7 +340,11 @@ class distributed_step {
   /// any other range afterwards.
   template <class Optimizer>
   train::step_outcome step(Optimizer& opt) {
-    reduce_gradients();
+    if constexpr (stage == 0) {
+      finish_round();
+    } else {
+      reduce_gradients();
+    }
     const gradient_type* g = stage == 2 ? shard_.data() : store_.grads().data() + begin_;
     const train::step_outcome r = control_.decide(
         [&] {
@@ -399,22 +450,89 @@ class distributed_step {
     }
   }
 
-  /// Data parallel: bucketed all-reduce in place. zero<1>: bucketed reduce-scatter into this
-  /// rank's partition of its gradient buffer. zero<2>: one reduce-scatter into the shard.
+  // --- data parallel: the all-reduce buckets, launched during backward -------------------
+  //
+  // A round is one backward's reduction: the tensors reported ready so far (ready_, top_ is
+  // the highest tensor not yet ready) and the buckets launched (next_bucket_ is the highest
+  // bucket not yet launched; bucket b covers flat [b·B, min((b+1)·B, n))).
+
+  index_t bucket_count() const noexcept {
+    const index_t n = store_.size(), b = o_.reduce_bucket_size;
+    return (n + b - 1) / b;
+  }
+
+  void start_round() {
+    std::fill(ready_.begin(), ready_.end(), char{0});
+    top_ = static_cast<int>(ready_.size()) - 1;
+    next_bucket_ = bucket_count() - 1;
+  }
+
+  void launch_bucket(index_t b) {
+    if (static_cast<int>(inflight_.size()) == o_.max_in_flight) {
+      inflight_.front().wait();
+      inflight_.pop_front();
+    }
+    const index_t n = store_.size(), first = b * o_.reduce_bucket_size;
+    inflight_.push_back(comm_.iall_reduce(store_.grads().data() + first, std::min(o_.reduce_bucket_size, n - first), reduce_op::average));
+  }
+
+  void wait_inflight() {
+    while (!inflight_.empty()) {
+      inflight_.front().wait();
+      inflight_.pop_front();
+    }
+  }
+
+  /// The store's report: tensor `index` is final for this backward.
+  void gradient_ready(int index) override {
+    reduced_ = false;  // new gradients since the last reduction
+    if (!sync_) return;
+    const auto i = static_cast<std::size_t>(index);
+    if (ready_[i] && !overlap_) start_round();  // a backward that did not report every tensor; nothing in flight
+    if (ready_[i]) {
+      // a second report in one round: a new backward began before the last one reported
+      // every tensor, while some of its buckets were in flight
+      wait_inflight();
+      throw error("parallel::distributed_step: '" + store_.infos()[i].name +
+                  "' was reported ready twice before the reduction finished: a backward pass did not report every "
+                  "tensor (a module that does not call parameter_store::grad_ready, or a tensor backward did not "
+                  "reach); call step() after each backward, or wrap the earlier micro-batches in no_sync()");
+    }
+    ready_[i] = 1;
+    while (top_ >= 0 && ready_[static_cast<std::size_t>(top_)]) --top_;
+    if (overlap_) {
+      const auto& infos = store_.infos();
+      const index_t ready_from = top_ < 0 ? 0 : top_ + 1 < static_cast<int>(infos.size()) ? infos[static_cast<std::size_t>(top_) + 1].offset : store_.size();
+      while (next_bucket_ >= 0 && next_bucket_ * o_.reduce_bucket_size >= ready_from) launch_bucket(next_bucket_--);
+      for (auto& r : inflight_) (void)r.test();  // lets MPI progress the ones in flight
+    }
+    if (top_ < 0) {  // every tensor reported: the backward is over
+      if (overlap_) {
+        wait_inflight();
+        reduced_ = true;
+      }
+      complete_round_seen_ = true;
+      start_round();
+    }
+  }
+
+  /// Data parallel in step(): reduces what backward did not, then turns the overlap on once a
+  /// backward has reported every tensor.
+  void finish_round() {
+    if (!reduced_) {
+      while (next_bucket_ >= 0) launch_bucket(next_bucket_--);
+      wait_inflight();
+    }
+    reduced_ = false;
+    if (complete_round_seen_) overlap_ = true;
+    start_round();
+  }
+
+  /// zero<1>: bucketed reduce-scatter into this rank's partition of its gradient buffer.
+  /// zero<2>: one reduce-scatter into the shard.
   void reduce_gradients() {
     gradient_type* g = store_.grads().data();
-    if constexpr (stage == 0) {
-      const index_t n = store_.size(), bucket = o_.reduce_bucket_size;
-      std::deque<typename Comm::request_type> inflight;
-      for (index_t b = 0; b < n; b += bucket) {
-        if (static_cast<int>(inflight.size()) == o_.max_in_flight) {
-          inflight.front().wait();
-          inflight.pop_front();
-        }
-        inflight.push_back(comm_.iall_reduce(g + b, std::min(bucket, n - b), reduce_op::average));
-      }
-      for (auto& r : inflight) r.wait();
-    } else if constexpr (stage == 1) {
+    if constexpr (stage == 1) {
       std::deque<typename Comm::request_type> inflight;
       const index_t c = plan_.chunk;
       for (index_t k = 0; k < plan_.count; ++k) {
@@ -446,6 +564,15 @@ class distributed_step {
   tensor<gradient_type> shard_;          // zero<2>: this rank's reduced gradient shard
   tensor<gradient_type> staging_;        // zero<1>: reduce-scatter buckets
   detail::bucket_plan plan_{};
+  // data parallel: the reduction during backward
+  std::vector<char> ready_;                            // per tensor: final in this round
+  int top_ = -1;                                       // highest tensor not yet ready
+  index_t next_bucket_ = -1;                           // highest bucket not yet launched
+  bool reduced_ = false;                               // a backward reduced every bucket, no report since
+  bool sync_ = true;                                   // false inside no_sync()
+  bool overlap_ = false;                               // launch during backward (after a complete round)
+  bool complete_round_seen_ = false;                   // some backward reported every tensor
+  std::deque<typename Comm::request_type> inflight_;
 };
 
 }  // namespace trident::parallel
