@@ -261,7 +261,121 @@ void check_exercise(int p, bool nonblocking, const char* what, auto&& run) {
   }
 }
 
+/// Piece sizes per rank for the _v collectives: uneven, with zeros, all zero.
+std::vector<std::vector<index_t>> count_patterns(int p) {
+  std::vector<std::vector<index_t>> out;
+  for (int k = 0; k < 4; ++k) {
+    std::vector<index_t> c(static_cast<std::size_t>(p));
+    for (int s = 0; s < p; ++s) c[static_cast<std::size_t>(s)] = k == 3 ? 0 : static_cast<index_t>((s * 7 + k * 5) % 6) * (k == 2 ? 200 : 1);
+    out.push_back(c);
+  }
+  return out;
+}
+
+/// reduce_scatter_v (every op) and all_gather_v (separate and in place), blocking or not; each
+/// rank keeps its results: [pattern][op] for the reduction, [pattern][0 | 1] for the gathers.
+template <class T, communicator C>
+void exercise_v(C& comm, bool nonblocking, std::vector<std::vector<T>>& rsv, std::vector<std::vector<T>>& agv) {
+  const int r = comm.rank(), p = comm.size();
+  std::size_t k = 0;
+  for (const auto& counts : count_patterns(p)) {
+    index_t total = 0, displ = 0;
+    for (int s = 0; s < p; ++s) {
+      if (s == r) displ = total;
+      total += counts[static_cast<std::size_t>(s)];
+    }
+    const index_t mine = counts[static_cast<std::size_t>(r)];
+    for (reduce_op op : all_ops) {
+      const auto in = values<T>(r, total, seed_of(total, op, 5));
+      auto& out = rsv[k * 4 + static_cast<std::size_t>(op)];
+      out.assign(static_cast<std::size_t>(mine), T{});
+      if (nonblocking) comm.ireduce_scatter_v(in.data(), out.data(), counts.data(), op).wait();
+      else comm.reduce_scatter_v(in.data(), out.data(), counts.data(), op);
+    }
+    const auto piece = values<T>(r, mine, seed_of(mine, reduce_op::sum, 6));
+    auto& sep = agv[k * 2];
+    auto& inplace = agv[k * 2 + 1];
+    sep.assign(static_cast<std::size_t>(total), T{});
+    inplace.assign(static_cast<std::size_t>(total), T{});
+    std::copy(piece.begin(), piece.end(), inplace.begin() + static_cast<std::ptrdiff_t>(displ));
+    std::vector<index_t> temporary = counts;  // the counts need not outlive the call
+    if (nonblocking) {
+      auto a = comm.iall_gather_v(piece.data(), sep.data(), temporary.data());
+      auto b = comm.iall_gather_v(inplace.data() + displ, inplace.data(), temporary.data());
+      temporary.assign(temporary.size(), -1);
+      b.wait();
+      a.wait();
+    } else {
+      comm.all_gather_v(piece.data(), sep.data(), counts.data());
+      comm.all_gather_v(inplace.data() + displ, inplace.data(), counts.data());
+    }
+    ++k;
+  }
+}
+
+/// What exercise_v gave rank r of p, against the references.
+template <class T>
+void check_v(int r, int p, const std::vector<std::vector<T>>& rsv, const std::vector<std::vector<T>>& agv) {
+  std::size_t k = 0;
+  for (const auto& counts : count_patterns(p)) {
+    index_t total = 0, displ = 0;
+    std::vector<T> gathered;
+    for (int s = 0; s < p; ++s) {
+      if (s == r) displ = total;
+      const index_t c = counts[static_cast<std::size_t>(s)];
+      const auto v = values<T>(s, c, seed_of(c, reduce_op::sum, 6));
+      gathered.insert(gathered.end(), v.begin(), v.end());
+      total += c;
+    }
+    INFO("rank " << r << " of " << p << ", counts pattern " << k);
+    for (reduce_op op : all_ops) {
+      const auto seed = seed_of(total, op, 5);
+      check_reduction(rsv[k * 4 + static_cast<std::size_t>(op)], counts[static_cast<std::size_t>(r)], p, op,
+                      [&](int s, index_t i) { return value<T>(s, displ + i, seed); }, "reduce_scatter_v");
+    }
+    CHECK(same_bits(agv[k * 2], gathered));
+    CHECK(same_bits(agv[k * 2 + 1], gathered));
+    ++k;
+  }
+}
+
 }  // namespace
+
+TEST_CASE_TEMPLATE("local_comm and thread_comm: reduce_scatter_v and all_gather_v against the reference, 1 to 4 ranks", T, float,
+                   double, std::int32_t, bfloat16, half) {
+  for (bool nonblocking : {false, true}) {
+    {
+      std::vector<std::vector<T>> rsv(16), agv(8);
+      local_comm comm;
+      exercise_v<T>(comm, nonblocking, rsv, agv);
+      check_v<T>(0, 1, rsv, agv);
+    }
+    for (int p = 1; p <= 4; ++p) {
+      std::vector<std::vector<std::vector<T>>> rsv(static_cast<std::size_t>(p), std::vector<std::vector<T>>(16)),
+          agv(static_cast<std::size_t>(p), std::vector<std::vector<T>>(8));
+      run_ranks(p, [&](thread_comm& comm) {
+        exercise_v<T>(comm, nonblocking, rsv[static_cast<std::size_t>(comm.rank())], agv[static_cast<std::size_t>(comm.rank())]);
+      });
+      for (int r = 0; r < p; ++r) check_v<T>(r, p, rsv[static_cast<std::size_t>(r)], agv[static_cast<std::size_t>(r)]);
+    }
+  }
+}
+
+TEST_CASE("thread_comm: _v collectives whose counts differ between ranks fail on every rank") {
+  CHECK_THROWS_WITH_AS(run_ranks(2,
+                                 [](thread_comm& comm) {
+                                   std::vector<float> in(4, 1.0f), out(4);
+                                   const index_t counts[2] = {comm.rank() == 0 ? index_t{2} : index_t{1}, comm.rank() == 0 ? index_t{1} : index_t{2}};
+                                   comm.reduce_scatter_v(in.data(), out.data(), counts, reduce_op::sum);
+                                 }),
+                       doctest::Contains("counts[0] = 2, rank 1 passed 1"), comm_error);
+  local_comm one;
+  std::vector<float> a(2);
+  const index_t bad[1] = {-1};
+  CHECK_THROWS_WITH_AS(one.all_gather_v(a.data(), a.data(), bad), doctest::Contains("counts[0] = -1 is negative"), error);
+  CHECK_THROWS_WITH_AS(one.reduce_scatter_v(a.data(), a.data(), static_cast<const index_t*>(nullptr), reduce_op::sum),
+                       doctest::Contains("counts is null"), error);
+}
 
 TEST_CASE_TEMPLATE("local_comm: every collective is the one-rank reduction or a copy", T, float, double, std::int32_t,
                    bfloat16, half) {

@@ -161,6 +161,53 @@ void exercise(mpi_comm& comm, bool nonblocking) {
   comm.barrier();
 }
 
+/// reduce_scatter_v (every op) and all_gather_v (separate and in place) with uneven pieces,
+/// zero-sized ones and all-zero counts, blocking or not, checked on this rank.
+template <class T>
+void exercise_v(mpi_comm& comm, bool nonblocking) {
+  const int r = comm.rank(), p = comm.size();
+  for (int k = 0; k < 4; ++k) {
+    std::vector<index_t> counts(static_cast<std::size_t>(p));
+    for (int s = 0; s < p; ++s) counts[static_cast<std::size_t>(s)] = k == 3 ? 0 : static_cast<index_t>((s * 7 + k * 5) % 6) * (k == 2 ? 200 : 1);
+    index_t total = 0, displ = 0;
+    for (int s = 0; s < p; ++s) {
+      if (s == r) displ = total;
+      total += counts[static_cast<std::size_t>(s)];
+    }
+    const index_t mine = counts[static_cast<std::size_t>(r)];
+    INFO("counts pattern " << k << (nonblocking ? ", non-blocking" : ", blocking"));
+    for (reduce_op op : ops) {
+      const auto seed = seed_of(total, op, 5);
+      const auto in = exact_values<T>(r, total, seed);
+      std::vector<T> out(static_cast<std::size_t>(mine));
+      if (nonblocking) comm.ireduce_scatter_v(in.data(), out.data(), counts.data(), op).wait();
+      else comm.reduce_scatter_v(in.data(), out.data(), counts.data(), op);
+      CHECK(count_wrong(out, mine, p, op, [&](int s, index_t i) { return exact_value<T>(s, displ + i, seed); }) == 0);
+    }
+    const auto piece = exact_values<T>(r, mine, seed_of(mine, reduce_op::sum, 6));
+    std::vector<T> sep(static_cast<std::size_t>(total)), inplace(static_cast<std::size_t>(total)), want;
+    std::copy(piece.begin(), piece.end(), inplace.begin() + static_cast<std::ptrdiff_t>(displ));
+    for (int s = 0; s < p; ++s) {
+      const index_t c = counts[static_cast<std::size_t>(s)];
+      const auto v = exact_values<T>(s, c, seed_of(c, reduce_op::sum, 6));
+      want.insert(want.end(), v.begin(), v.end());
+    }
+    if (nonblocking) {
+      std::vector<index_t> temporary = counts;  // the counts need not outlive the call
+      auto a = comm.iall_gather_v(piece.data(), sep.data(), temporary.data());
+      auto b = comm.iall_gather_v(inplace.data() + displ, inplace.data(), temporary.data());
+      temporary.assign(temporary.size(), -1);
+      while (!b.test()) std::this_thread::yield();
+      a.wait();
+    } else {
+      comm.all_gather_v(piece.data(), sep.data(), counts.data());
+      comm.all_gather_v(inplace.data() + displ, inplace.data(), counts.data());
+    }
+    CHECK(same_bits(sep, want));
+    CHECK(same_bits(inplace, want));
+  }
+}
+
 /// A hash of the bytes, to compare results across ranks.
 template <class T>
 std::uint64_t fingerprint(const std::vector<T>& v) {
@@ -203,6 +250,13 @@ TEST_CASE_TEMPLATE("mpi_comm: every collective against the rank-order reference"
   mpi_comm comm;
   exercise<T>(comm, false);
   exercise<T>(comm, true);
+}
+
+TEST_CASE_TEMPLATE("mpi_comm: reduce_scatter_v and all_gather_v against the rank-order reference", T, float, double, std::int32_t,
+                   bfloat16, half) {
+  mpi_comm comm;
+  exercise_v<T>(comm, false);
+  exercise_v<T>(comm, true);
 }
 
 TEST_CASE("mpi_comm: 2-byte sums round once, after summing in fp32") {

@@ -11,14 +11,20 @@
 /// | `all_reduce(data, n, op)`                  | `data[0, n)` = x_r                 | `data` = op(x_0, ..., x_{size-1})       |
 /// | `reduce_scatter(in, out, n, op)`           | `in[0, size*n)` = chunks c_r[0..size) | `out[0, n)` = op over ranks of chunk r |
 /// | `all_gather(in, out, n)`                   | `in[0, n)` = x_r                   | `out[0, size*n)` = x_0, ..., x_{size-1} |
+/// | `reduce_scatter_v(in, out, counts, op)`    | `in[0, Σcounts)` = pieces c_r[0..size), piece s of counts[s] | `out[0, counts[r])` = op over ranks of piece r |
+/// | `all_gather_v(in, out, counts)`            | `in[0, counts[r])` = x_r           | `out[0, Σcounts)` = x_0, ..., x_{size-1} |
 /// | `broadcast(data, n, root)`                 | root's `data` = x                  | `data` = x                              |
 /// | `barrier()`                                | —                                  | every rank has arrived                  |
 ///
-/// `iall_reduce`, `ireduce_scatter` and `iall_gather` start the same collectives and return a
-/// request: `wait()` blocks until the buffers hold the result (and rethrows a failure);
-/// `test()` says whether that has happened and eventually returns true. Buffers must stay
-/// alive and untouched until then. Collectives (blocking or not) are matched across ranks by
-/// the order in which each rank issues them.
+/// The `_v` forms take a piece size per rank (`counts`, size() entries, the same on every rank;
+/// a count may be 0): ZeRO reduces and gathers flat ranges that straddle the ranks' partitions
+/// unevenly. They copy `counts`, which need not outlive the call.
+///
+/// `iall_reduce`, `ireduce_scatter`, `iall_gather`, `ireduce_scatter_v` and `iall_gather_v`
+/// start the same collectives and return a request: `wait()` blocks until the buffers hold the
+/// result (and rethrows a failure); `test()` says whether that has happened and eventually
+/// returns true. Buffers must stay alive and untouched until then. Collectives (blocking or
+/// not) are matched across ranks by the order in which each rank issues them.
 ///
 /// Element types: float, double, std::int32_t, bfloat16 and half. Reductions of the 2-byte
 /// types accumulate in fp32 and round to the 2-byte type once, at the end: a bf16 gradient
@@ -121,6 +127,10 @@ concept communicator_for = requires(C& c, T* data, const T* in, T* out, index_t 
   { c.iall_reduce(data, n, op) } -> comm_request;
   { c.ireduce_scatter(in, out, n, op) } -> comm_request;
   { c.iall_gather(in, out, n) } -> comm_request;
+  c.reduce_scatter_v(in, out, static_cast<const index_t*>(nullptr), op);
+  c.all_gather_v(in, out, static_cast<const index_t*>(nullptr));
+  { c.ireduce_scatter_v(in, out, static_cast<const index_t*>(nullptr), op) } -> comm_request;
+  { c.iall_gather_v(in, out, static_cast<const index_t*>(nullptr)) } -> comm_request;
 };
 }  // namespace detail
 
@@ -201,6 +211,35 @@ void check_disjoint_gather(const T* in, const T* out, index_t n, int rank, int s
   if (overlaps(in, sn * sizeof(T), out, sn * static_cast<std::size_t>(size) * sizeof(T)))
     throw error(comm_where(comm, call) + ": in overlaps out other than as this rank's slot out + rank*n = out + " +
                 std::to_string(static_cast<index_t>(rank) * n));
+}
+
+/// The counts of a _v collective: non-null, each >= 0, their sum addressable. Returns the sum
+/// and, through `displ` (if given, size entries), each rank's first element.
+inline index_t check_counts(const index_t* counts, int size, const char* comm, const char* call, index_t* displ = nullptr) {
+  if (counts == nullptr) throw error(comm_where(comm, call) + ": counts is null (it needs one count per rank)");
+  index_t total = 0;
+  for (int s = 0; s < size; ++s) {
+    if (counts[s] < 0) throw error(comm_where(comm, call) + ": counts[" + std::to_string(s) + "] = " + std::to_string(counts[s]) + " is negative");
+    if (counts[s] > std::numeric_limits<index_t>::max() - total) throw error(comm_where(comm, call) + ": the counts' sum overflows index_t");
+    if (displ) displ[s] = total;
+    total += counts[s];
+  }
+  return total;
+}
+
+/// reduce_scatter_v: `in` (total) and `out` (mine) must not overlap.
+template <class T>
+void check_disjoint_scatter_v(const T* in, index_t total, const T* out, index_t mine, const char* comm, const char* call) {
+  if (overlaps(in, static_cast<std::size_t>(total) * sizeof(T), out, static_cast<std::size_t>(mine) * sizeof(T)))
+    throw error(comm_where(comm, call) + ": out overlaps in (the input of every rank must stay intact; use a separate output)");
+}
+
+/// all_gather_v: `in` (mine) must not overlap `out` (total) except as exactly this rank's piece.
+template <class T>
+void check_disjoint_gather_v(const T* in, index_t mine, const T* out, index_t total, index_t my_displ, const char* comm, const char* call) {
+  if (mine > 0 && in == out + my_displ) return;
+  if (overlaps(in, static_cast<std::size_t>(mine) * sizeof(T), out, static_cast<std::size_t>(total) * sizeof(T)))
+    throw error(comm_where(comm, call) + ": in overlaps out other than as this rank's piece out + " + std::to_string(my_displ));
 }
 
 // --- element-wise reduction kernels --------------------------------------------------------
@@ -345,6 +384,27 @@ class local_comm {
     if (n_per_rank && in != out) std::memcpy(out, in, static_cast<std::size_t>(n_per_rank) * sizeof(T));
   }
 
+  /// Copies in[0, counts[0]) to out (they must not overlap).
+  template <comm_element T>
+  void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) const {
+    const index_t n = detail::check_counts(counts, 1, "local_comm", "reduce_scatter_v");
+    detail::check_buffer(in, n, "local_comm", "reduce_scatter_v", "in");
+    detail::check_buffer(out, n, "local_comm", "reduce_scatter_v", "out");
+    detail::check_op(op, "local_comm", "reduce_scatter_v");
+    detail::check_disjoint_scatter_v(in, n, out, n, "local_comm", "reduce_scatter_v");
+    if (n) std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(T));
+  }
+
+  /// Copies in[0, counts[0]) to out (nothing to do when in == out).
+  template <comm_element T>
+  void all_gather_v(const T* in, T* out, const index_t* counts) const {
+    const index_t n = detail::check_counts(counts, 1, "local_comm", "all_gather_v");
+    detail::check_buffer(in, n, "local_comm", "all_gather_v", "in");
+    detail::check_buffer(out, n, "local_comm", "all_gather_v", "out");
+    detail::check_disjoint_gather_v(in, n, out, n, 0, "local_comm", "all_gather_v");
+    if (n && in != out) std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(T));
+  }
+
   /// Checks the arguments (root must be 0); the data is already the root's.
   template <comm_element T>
   void broadcast(T* data, index_t n, int root) const {
@@ -372,6 +432,18 @@ class local_comm {
   template <comm_element T>
   completed_request iall_gather(const T* in, T* out, index_t n_per_rank) const {
     all_gather(in, out, n_per_rank);
+    return {};
+  }
+  /// reduce_scatter_v, complete on return.
+  template <comm_element T>
+  completed_request ireduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) const {
+    reduce_scatter_v(in, out, counts, op);
+    return {};
+  }
+  /// all_gather_v, complete on return.
+  template <comm_element T>
+  completed_request iall_gather_v(const T* in, T* out, const index_t* counts) const {
+    all_gather_v(in, out, counts);
     return {};
   }
 };

@@ -7,9 +7,11 @@
 /// that trident's collectives can never match a collective of the user's on that
 /// communicator, and sets MPI_ERRORS_RETURN on the duplicate only, so MPI failures become
 /// mpi_error exceptions (naming the call) instead of aborting the job. The collectives map
-/// one to one onto MPI_Allreduce, MPI_Reduce_scatter_block, MPI_Allgather, MPI_Bcast,
-/// MPI_Barrier and the MPI-3 non-blocking MPI_Iallreduce, MPI_Ireduce_scatter_block and
-/// MPI_Iallgather; `mpi_request` wraps the MPI_Request.
+/// one to one onto MPI_Allreduce, MPI_Reduce_scatter_block, MPI_Allgather, MPI_Reduce_scatter
+/// and MPI_Allgatherv (the _v forms), MPI_Bcast, MPI_Barrier and the MPI-3 non-blocking
+/// MPI_Iallreduce, MPI_Ireduce_scatter_block, MPI_Iallgather, MPI_Ireduce_scatter and
+/// MPI_Iallgatherv; `mpi_request` wraps the MPI_Request (and owns the int count and
+/// displacement arrays of a non-blocking _v collective until it completes).
 ///
 /// Element types. float, double and int32 travel and reduce as MPI_FLOAT, MPI_DOUBLE and
 /// MPI_INT32_T with MPI's own ops (average: MPI_SUM, then a local division by size()).
@@ -99,7 +101,7 @@ class mpi_request {
   mpi_request() noexcept = default;
   /// Takes over the collective of `o` (which becomes complete).
   mpi_request(mpi_request&& o) noexcept
-      : req_(std::exchange(o.req_, MPI_REQUEST_NULL)), scratch_(std::move(o.scratch_)), finish_(std::move(o.finish_)) {
+      : req_(std::exchange(o.req_, MPI_REQUEST_NULL)), scratch_(std::move(o.scratch_)), ints_(std::move(o.ints_)), finish_(std::move(o.finish_)) {
     o.finish_ = nullptr;
   }
   /// Waits for this request's collective, then takes over that of `o`.
@@ -108,6 +110,7 @@ class mpi_request {
       wait_quietly();
       req_ = std::exchange(o.req_, MPI_REQUEST_NULL);
       scratch_ = std::move(o.scratch_);
+      ints_ = std::move(o.ints_);
       finish_ = std::move(o.finish_);
       o.finish_ = nullptr;
     }
@@ -148,6 +151,7 @@ class mpi_request {
       f();
     }
     scratch_.reset();
+    ints_.reset();
   }
 
   void wait_quietly() noexcept {
@@ -162,6 +166,7 @@ class mpi_request {
 
   MPI_Request req_ = MPI_REQUEST_NULL;
   std::unique_ptr<float[]> scratch_;  // fp32 staging of a 2-byte reduction (its address is stable)
+  std::unique_ptr<int[]> ints_;       // counts and displacements of a _v collective
   std::function<void()> finish_;
 };
 
@@ -256,6 +261,28 @@ class mpi_comm {
     detail::check_mpi(MPI_Allgather(send, count, mpi_type<T>(), out, count, mpi_type<T>(), comm_), "MPI_Allgather");
   }
 
+  /// out[0, counts[rank]) = op over ranks of their piece `rank` of in (pieces in rank order).
+  /// `in` and `out` must not overlap.
+  template <comm_element T>
+  void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
+    auto ints = v_arrays(counts, "reduce_scatter_v");
+    check_reduce_scatter_v(in, out, counts, op);
+    mpi_request r = start_reduce_scatter_v(in, out, counts, op, std::move(ints), false);
+    r.wait();
+  }
+
+  /// out = the ranks' in[0, counts[s]) in rank order. `in` may be this rank's piece of `out`
+  /// (MPI_IN_PLACE); it may not overlap `out` otherwise.
+  template <comm_element T>
+  void all_gather_v(const T* in, T* out, const index_t* counts) {
+    auto ints = v_arrays(counts, "all_gather_v");
+    const int* c = ints.get();
+    const int* d = c + size_;
+    const void* send = counts[rank_] > 0 && in == out + d[rank_] ? MPI_IN_PLACE : static_cast<const void*>(in);
+    check_all_gather_v(in, out, counts, d[rank_]);
+    detail::check_mpi(MPI_Allgatherv(send, c[rank_], mpi_type<T>(), out, c, d, mpi_type<T>(), comm_), "MPI_Allgatherv");
+  }
+
   /// Every rank's data[0, n) becomes the root's.
   template <comm_element T>
   void broadcast(T* data, index_t n, int root) {
@@ -330,7 +357,93 @@ class mpi_comm {
     return r;
   }
 
+  /// Starts reduce_scatter_v (MPI_Ireduce_scatter). Arguments are checked now.
+  template <comm_element T>
+  mpi_request ireduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
+    auto ints = v_arrays(counts, "ireduce_scatter_v");
+    check_reduce_scatter_v(in, out, counts, op);
+    return start_reduce_scatter_v(in, out, counts, op, std::move(ints), true);
+  }
+
+  /// Starts all_gather_v (MPI_Iallgatherv). Arguments are checked now.
+  template <comm_element T>
+  mpi_request iall_gather_v(const T* in, T* out, const index_t* counts) {
+    auto ints = v_arrays(counts, "iall_gather_v");
+    const int* c = ints.get();
+    const int* d = c + size_;
+    check_all_gather_v(in, out, counts, d[rank_]);
+    const void* send = counts[rank_] > 0 && in == out + d[rank_] ? MPI_IN_PLACE : static_cast<const void*>(in);
+    mpi_request r;
+    detail::check_mpi(MPI_Iallgatherv(send, c[rank_], mpi_type<T>(), out, c, d, mpi_type<T>(), comm_, &r.req_), "MPI_Iallgatherv");
+    r.ints_ = std::move(ints);
+    return r;
+  }
+
  private:
+  /// The int counts (size entries) then displacements (size entries) of a _v collective;
+  /// every count and the total must fit MPI's int.
+  std::unique_ptr<int[]> v_arrays(const index_t* counts, const char* call) const {
+    const index_t total = detail::check_counts(counts, size_, "mpi_comm", call);
+    detail::mpi_count(total, call);
+    auto a = std::make_unique_for_overwrite<int[]>(2 * static_cast<std::size_t>(size_));
+    int at = 0;
+    for (int s = 0; s < size_; ++s) {
+      a[static_cast<std::size_t>(s)] = static_cast<int>(counts[s]);
+      a[static_cast<std::size_t>(size_ + s)] = at;
+      at += static_cast<int>(counts[s]);
+    }
+    return a;
+  }
+
+  template <class T>
+  mpi_request start_reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op, std::unique_ptr<int[]> ints, bool nonblocking) {
+    const int* c = ints.get();
+    const auto len = static_cast<std::size_t>(counts[rank_]);
+    const int size = size_;
+    mpi_request r;
+    if constexpr (detail::is_two_byte_float<T>) {
+      std::size_t total = 0;
+      for (int s = 0; s < size_; ++s) total += static_cast<std::size_t>(counts[s]);
+      r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
+      float* sc = r.scratch_.get();
+      detail::to_accumulator(in, sc, total);
+      if (nonblocking) {
+        detail::check_mpi(MPI_Ireduce_scatter(sc, sc + total, c, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
+      } else {
+        detail::check_mpi(MPI_Reduce_scatter(sc, sc + total, c, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Reduce_scatter");
+      }
+      r.finish_ = [res = sc + total, out, len, op, size] {
+        if (op == reduce_op::average) detail::divide_by(res, len, size);
+        detail::from_accumulator(res, out, len);
+      };
+    } else {
+      if (nonblocking) {
+        detail::check_mpi(MPI_Ireduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
+      } else {
+        detail::check_mpi(MPI_Reduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter");
+      }
+      if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
+    }
+    r.ints_ = std::move(ints);
+    return r;
+  }
+
+  template <class T>
+  void check_reduce_scatter_v(const T* in, const T* out, const index_t* counts, reduce_op op) const {
+    const index_t total = detail::check_counts(counts, size_, "mpi_comm", "reduce_scatter_v");
+    detail::check_buffer(in, total, "mpi_comm", "reduce_scatter_v", "in");
+    detail::check_buffer(out, counts[rank_], "mpi_comm", "reduce_scatter_v", "out");
+    detail::check_op(op, "mpi_comm", "reduce_scatter_v");
+    detail::check_disjoint_scatter_v(in, total, out, counts[rank_], "mpi_comm", "reduce_scatter_v");
+  }
+  template <class T>
+  void check_all_gather_v(const T* in, const T* out, const index_t* counts, index_t my_displ) const {
+    const index_t total = detail::check_counts(counts, size_, "mpi_comm", "all_gather_v");
+    detail::check_buffer(in, counts[rank_], "mpi_comm", "all_gather_v", "in");
+    detail::check_buffer(out, total, "mpi_comm", "all_gather_v", "out");
+    detail::check_disjoint_gather_v(in, counts[rank_], out, total, my_displ, "mpi_comm", "all_gather_v");
+  }
+
   void free() noexcept {
     if (comm_ == MPI_COMM_NULL) return;
     int finalized = 0;

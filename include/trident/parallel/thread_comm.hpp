@@ -60,7 +60,7 @@ namespace trident {
 namespace detail {
 
 /// Which collective a rank is in (published so that mismatches are caught).
-enum class thread_coll : int { none, all_reduce, reduce_scatter, all_gather, broadcast, barrier };
+enum class thread_coll : int { none, all_reduce, reduce_scatter, all_gather, reduce_scatter_v, all_gather_v, broadcast, barrier };
 
 inline const char* to_string(thread_coll k) noexcept {
   switch (k) {
@@ -68,6 +68,8 @@ inline const char* to_string(thread_coll k) noexcept {
     case thread_coll::all_reduce: return "all_reduce";
     case thread_coll::reduce_scatter: return "reduce_scatter";
     case thread_coll::all_gather: return "all_gather";
+    case thread_coll::reduce_scatter_v: return "reduce_scatter_v";
+    case thread_coll::all_gather_v: return "all_gather_v";
     case thread_coll::broadcast: return "broadcast";
     case thread_coll::barrier: return "barrier";
   }
@@ -92,6 +94,7 @@ struct thread_slot {
   index_t n = 0;
   const void* in = nullptr;
   void* out = nullptr;
+  const index_t* counts = nullptr;  // the _v collectives: one per rank
 };
 
 /// Completion state of one non-blocking collective.
@@ -341,6 +344,26 @@ class thread_comm {
     guarded([&] { do_all_gather(in, out, n_per_rank); });
   }
 
+  /// out[0, counts[rank]) = op over ranks of their piece `rank` of in (pieces in rank order,
+  /// piece s of counts[s] elements). `in` and `out` must not overlap.
+  template <comm_element T>
+  void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
+    std::vector<index_t> c;
+    guarded([&] { c = check_reduce_scatter_v(in, out, counts, op); });
+    drain();
+    guarded([&] { do_reduce_scatter_v(in, out, c.data(), op); });
+  }
+
+  /// out = the ranks' in[0, counts[s]) one after another, in rank order. `in` may be this
+  /// rank's piece of `out` (in place); it may not overlap `out` otherwise.
+  template <comm_element T>
+  void all_gather_v(const T* in, T* out, const index_t* counts) {
+    std::vector<index_t> c;
+    guarded([&] { c = check_all_gather_v(in, out, counts); });
+    drain();
+    guarded([&] { do_all_gather_v(in, out, c.data()); });
+  }
+
   /// Every rank's data[0, n) becomes the root's.
   template <comm_element T>
   void broadcast(T* data, index_t n, int root) {
@@ -378,6 +401,22 @@ class thread_comm {
   thread_request iall_gather(const T* in, T* out, index_t n_per_rank) {
     guarded([&] { check_all_gather(in, out, n_per_rank); });
     return enqueue([this, in, out, n_per_rank] { guarded([&] { do_all_gather(in, out, n_per_rank); }); });
+  }
+
+  /// Starts reduce_scatter_v on this rank's helper thread. Arguments are checked now.
+  template <comm_element T>
+  thread_request ireduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
+    std::vector<index_t> c;
+    guarded([&] { c = check_reduce_scatter_v(in, out, counts, op); });
+    return enqueue([this, in, out, c = std::move(c), op] { guarded([&] { do_reduce_scatter_v(in, out, c.data(), op); }); });
+  }
+
+  /// Starts all_gather_v on this rank's helper thread. Arguments are checked now.
+  template <comm_element T>
+  thread_request iall_gather_v(const T* in, T* out, const index_t* counts) {
+    std::vector<index_t> c;
+    guarded([&] { c = check_all_gather_v(in, out, counts); });
+    return enqueue([this, in, out, c = std::move(c)] { guarded([&] { do_all_gather_v(in, out, c.data()); }); });
   }
 
  private:
@@ -419,6 +458,27 @@ class thread_comm {
     detail::check_buffer(out, n, "thread_comm", "all_gather", "out");
     detail::check_disjoint_gather(in, out, n, rank_, size(), "thread_comm", "all_gather");
   }
+  /// Returns a copy of the counts.
+  template <class T>
+  std::vector<index_t> check_reduce_scatter_v(const T* in, const T* out, const index_t* counts, reduce_op op) const {
+    const index_t total = detail::check_counts(counts, size(), "thread_comm", "reduce_scatter_v");
+    const index_t mine = counts[rank_];
+    detail::check_buffer(in, total, "thread_comm", "reduce_scatter_v", "in");
+    detail::check_buffer(out, mine, "thread_comm", "reduce_scatter_v", "out");
+    detail::check_op(op, "thread_comm", "reduce_scatter_v");
+    detail::check_disjoint_scatter_v(in, total, out, mine, "thread_comm", "reduce_scatter_v");
+    return std::vector<index_t>(counts, counts + size());
+  }
+  template <class T>
+  std::vector<index_t> check_all_gather_v(const T* in, const T* out, const index_t* counts) const {
+    std::vector<index_t> displ(static_cast<std::size_t>(size()));
+    const index_t total = detail::check_counts(counts, size(), "thread_comm", "all_gather_v", displ.data());
+    const index_t mine = counts[rank_];
+    detail::check_buffer(in, mine, "thread_comm", "all_gather_v", "in");
+    detail::check_buffer(out, total, "thread_comm", "all_gather_v", "out");
+    detail::check_disjoint_gather_v(in, mine, out, total, displ[static_cast<std::size_t>(rank_)], "thread_comm", "all_gather_v");
+    return std::vector<index_t>(counts, counts + size());
+  }
   template <class T>
   void check_broadcast(const T* data, index_t n, int root) const {
     detail::check_count(n, "thread_comm", "broadcast");
@@ -438,6 +498,13 @@ class thread_comm {
       else if (a.n != b.n) what = "rank 0 passed n = " + std::to_string(a.n) + ", rank " + std::to_string(s) + " passed n = " + std::to_string(b.n);
       else if (a.op != b.op) what = std::string("rank 0 passed reduce_op ") + to_string(a.op) + ", rank " + std::to_string(s) + " passed " + to_string(b.op);
       else if (a.root != b.root) what = "rank 0 passed root " + std::to_string(a.root) + ", rank " + std::to_string(s) + " passed root " + std::to_string(b.root);
+      else if (a.counts != nullptr && b.counts != nullptr) {
+        for (int t = 0; t < size() && what.empty(); ++t) {
+          if (a.counts[t] != b.counts[t])
+            what = "rank 0 passed counts[" + std::to_string(t) + "] = " + std::to_string(a.counts[t]) + ", rank " + std::to_string(s) +
+                   " passed " + std::to_string(b.counts[t]);
+        }
+      }
       if (!what.empty()) throw comm_error(std::string("trident::thread_comm::") + call + ": the ranks disagree: " + what);
     }
   }
@@ -556,6 +623,58 @@ class thread_comm {
         T* dst = out + static_cast<std::size_t>(s) * len;
         if (src != dst) std::memcpy(dst, src, len * sizeof(T));
       }
+    group_->sync();
+  }
+
+  /// Each rank's first element of `out` in a _v collective, and the total.
+  index_t displacements(const index_t* counts, std::vector<std::size_t>& displ) const {
+    displ.resize(static_cast<std::size_t>(size()));
+    index_t total = 0;
+    for (int s = 0; s < size(); ++s) {
+      displ[static_cast<std::size_t>(s)] = static_cast<std::size_t>(total);
+      total += counts[s];
+    }
+    return total;
+  }
+
+  template <class T>
+  void do_reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
+    using A = comm_accumulator_t<T>;
+    std::vector<std::size_t> displ;
+    const index_t total = displacements(counts, displ);
+    publish({.kind = detail::thread_coll::reduce_scatter_v, .type = detail::comm_type_name<T>(), .op = op, .n = total, .in = in, .out = out,
+             .counts = counts});
+    group_->sync();
+    check_matching("reduce_scatter_v");
+    const int p = size();
+    check_cross_overlap("reduce_scatter_v",
+                        [&](int s) { return std::pair{group_->slot(s).out, static_cast<std::size_t>(counts[s]) * sizeof(T)}; },
+                        [&](int s) { return std::pair{group_->slot(s).in, static_cast<std::size_t>(total) * sizeof(T)}; });
+    const auto len = static_cast<std::size_t>(counts[rank_]);
+    std::vector<const T*> src(static_cast<std::size_t>(p));
+    for (int s = 0; s < p; ++s) src[static_cast<std::size_t>(s)] = static_cast<const T*>(group_->slot(s).in) + displ[static_cast<std::size_t>(rank_)];
+    A* acc = acc_scratch_.get<A>(len);
+    reduce_ranks(src.data(), len, op, acc);
+    detail::from_accumulator(acc, out, len);
+    group_->sync();  // the inputs may be reused once every rank has read them
+  }
+
+  template <class T>
+  void do_all_gather_v(const T* in, T* out, const index_t* counts) {
+    std::vector<std::size_t> displ;
+    const index_t total = displacements(counts, displ);
+    publish({.kind = detail::thread_coll::all_gather_v, .type = detail::comm_type_name<T>(), .n = total, .in = in, .out = out, .counts = counts});
+    group_->sync();
+    check_matching("all_gather_v");
+    const int p = size();
+    check_cross_overlap("all_gather_v", [&](int s) { return std::pair{group_->slot(s).out, static_cast<std::size_t>(total) * sizeof(T)}; },
+                        [&](int s) { return std::pair{group_->slot(s).in, static_cast<std::size_t>(counts[s]) * sizeof(T)}; });
+    for (int s = 0; s < p; ++s) {
+      const auto len = static_cast<std::size_t>(counts[s]);
+      const T* src = static_cast<const T*>(group_->slot(s).in);
+      T* dst = out + displ[static_cast<std::size_t>(s)];
+      if (len && src != dst) std::memcpy(dst, src, len * sizeof(T));
+    }
     group_->sync();
   }
 
