@@ -352,8 +352,18 @@ TEST_CASE("dispatch: a config the binary cannot run gets one clear message") {
                        config_error);
   CHECK_THROWS_WITH_AS((pick<p_fp32, p_bf16_dp>(parse(minimal, 2))), doctest::Contains("asks for fp32 with data_parallel"), config_error);
   CHECK_THROWS_WITH_AS((pick<p_fp32, p_bf16_z2>(parse(R"({"train_batch_size": 8, "bf16": {"enabled": true}, "zero_optimization": {"stage": 3}})", 2))),
-                       doctest::Contains("zero_optimization.stage: 3 (ZeRO-3, parameters partitioned) is not available in trident yet"),
-                       config_error);
+                       doctest::Contains("asks for bf16_mixed with zero_3"), config_error);
+}
+
+TEST_CASE("dispatch: ZeRO-3 and its options") {
+  using p_bf16_z3 = policy<bf16_mixed, cpu, zero<3>>;
+  const auto c = parse(R"({"train_batch_size": 8, "bf16": {"enabled": true},
+                           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000, "stage3_prefetch_bucket_size": 0}})", 2);
+  CHECK((pick<p_fp32, p_bf16_z2, p_bf16_z3>(c)) == "policy<bf16_mixed, cpu, zero_3>");
+  const auto o = c.distributed_options();
+  CHECK(o.param_persistence_threshold == 1000);
+  CHECK_FALSE(o.prefetch);
+  CHECK(parse(R"({"train_batch_size": 8, "zero_optimization": {"stage": 3}})", 2).distributed_options().prefetch);
 }
 
 TEST_CASE("the effective config: defaults included, and it parses back to itself") {

@@ -147,15 +147,15 @@ struct bf16_config {
 
 /// The "zero_optimization" section.
 struct zero_config {
-  int stage = 0;  ///< 0 (data parallel), 1, 2, or 3 (parsed; no policy runs it yet)
+  int stage = 0;  ///< 0 (data parallel), 1, 2 or 3
   /// Elements per gradient collective. DeepSpeed's default, 5e8, is sized for GPUs; when the
   /// key is absent this is parallel::distributed_options' default (2^24).
   std::int64_t reduce_bucket_size = parallel::distributed_options{}.reduce_bucket_size;
   std::int64_t allgather_bucket_size = 500000000;  ///< recorded (ZeRO-1/2 all-gather the parameters in one pass)
   bool overlap_comm = false;                       ///< recorded (data parallel always launches its all-reduces during backward)
   bool contiguous_gradients = true;                ///< recorded (the gradients are one flat buffer anyway)
-  std::int64_t stage3_prefetch_bucket_size = 50000000;       ///< recorded for ZeRO-3
-  std::int64_t stage3_param_persistence_threshold = 100000;  ///< recorded for ZeRO-3
+  std::int64_t stage3_prefetch_bucket_size = 50000000;       ///< ZeRO-3: 0 turns the prefetch of the next unit off
+  std::int64_t stage3_param_persistence_threshold = 100000;  ///< ZeRO-3: units of at most this many elements stay gathered
   /// DeepSpeed's other zero_optimization keys (offload_optimizer, reduce_scatter, ...), as given.
   nlohmann::json recorded = nlohmann::json::object();
 };
@@ -203,6 +203,8 @@ struct deepspeed_config {
   parallel::distributed_options distributed_options() const {
     parallel::distributed_options o;
     o.reduce_bucket_size = zero_optimization.reduce_bucket_size;
+    o.param_persistence_threshold = zero_optimization.stage3_param_persistence_threshold;
+    o.prefetch = zero_optimization.stage3_prefetch_bucket_size > 0;
     o.step = step_options();
     return o;
   }
@@ -1077,7 +1079,7 @@ auto dispatch_impl(const deepspeed_config& c, F& f) -> std::invoke_result_t<F&, 
 /// Calls `f(type_tag<P>{})` with the first of `Policies` that matches the config, and returns
 /// what it returns (the same type for every policy).
 /// @tparam Policies the policy bundles this binary instantiates, in order of preference
-/// @throws config_error for ZeRO stage 3 (not available yet), or when none of `Policies`
+/// @throws config_error when none of `Policies`
 /// matches: the message names what the config asks for and what the binary has
 template <class... Policies, class F>
 auto dispatch(const deepspeed_config& c, F&& f) -> std::invoke_result_t<F&, type_tag<std::tuple_element_t<0, std::tuple<Policies...>>>> {
@@ -1087,10 +1089,6 @@ auto dispatch(const deepspeed_config& c, F&& f) -> std::invoke_result_t<F&, type
                            (c.fp16.enabled ? "true" : "false") + ", bf16.enabled " + (c.bf16.enabled ? "true" : "false") +
                            ", zero_optimization.stage " + std::to_string(c.zero_optimization.stage) + ", world size " +
                            std::to_string(c.world_size) + ")";
-  if (c.zero_optimization.stage == 3) {
-    throw config_error("deepspeed config: zero_optimization.stage: 3 (ZeRO-3, parameters partitioned) is not available in trident "
-                       "yet; use stage 0 (data parallel), 1 or 2. The config asks for " + asks);
-  }
   if (!(matches<Policies>(c) || ...)) {
     std::string has;
     ((has += (has.empty() ? "" : ", ") + detail::policy_name<Policies>()), ...);

@@ -11,11 +11,15 @@
 /// Use: modules declare() their tensors while the model is built, the model calls
 /// allocate() once, then handles give views. Each tensor starts on a 64-byte boundary.
 ///
-/// Data parallel and ZeRO (parallel/zero.hpp) need two things of the store: buffers that
+/// Data parallel and ZeRO (parallel/zero.hpp) need three things of the store: buffers that
 /// divide into equal, aligned partitions, one per rank (pad_to_multiple() grows them with
-/// zero padding at the end), and, from ZeRO stage 1 on, no full fp32 master copy: each rank
+/// zero padding at the end); from ZeRO stage 1 on, no full fp32 master copy: each rank
 /// keeps only its partition of it, so release_master() frees the store's copy once the
-/// partitioned step has taken its partition.
+/// partitioned step has taken its partition; and, from stage 2 on, no full gradient buffer
+/// (stage 3: no full params either): release_grads() / release_params() free them and a
+/// `residency` installed by the step says where each tensor's gradient (params) lives while
+/// backward (forward) needs it. param(h) and grad(h) keep working; the flat params() and
+/// grads() then throw, naming the reason.
 
 #include <cstddef>
 #include <string>
@@ -73,6 +77,22 @@ class parameter_store {
                                                 ? 64 / sizeof(gradient_type)
                                                 : 64 / sizeof(storage_type);
 
+  /// Where the gradients (and params) of tensors live once the flat buffers are released: a
+  /// ZeRO stage 2 or 3 step implements it, handing out a buffer per group of tensors on first
+  /// use and reducing (releasing) it when backward (forward) is done with it.
+  class residency {
+   public:
+    /// The params of tensor `index` (ZeRO-3: gathered on demand).
+    virtual storage_type* param_data(int index) = 0;
+    /// The gradient of tensor `index`, to accumulate into (zero before its first use).
+    virtual gradient_type* grad_data(int index) = 0;
+    /// What zero_grad() does once the flat gradients are released.
+    virtual void zero_grad() = 0;
+
+   protected:
+    ~residency() = default;
+  };
+
   parameter_store() = default;
   parameter_store(const parameter_store&) = delete;
   parameter_store& operator=(const parameter_store&) = delete;
@@ -113,6 +133,7 @@ class parameter_store {
     }
     const index_t padded = (total_ + multiple - 1) / multiple * multiple;
     if (padded == total_) return;
+    if (residency_ != nullptr) throw error("parameter_store::pad_to_multiple: the buffers were released; pad before that");
     if (allocated()) {
       if (master_released_) throw error("parameter_store::pad_to_multiple: the master weights were released; pad before that");
       params_ = grown(params_, padded);
@@ -135,6 +156,28 @@ class parameter_store {
   /// Whether release_master() freed the master copy.
   bool master_released() const noexcept { return master_released_; }
 
+  /// Installs `r` (not owned; it must outlive its use) and frees the flat gradient buffer
+  /// (ZeRO stage >= 2), and with `params` the flat params too (stage 3; and, under fp32, the
+  /// master, which is the params). grad(h) (and param(h)) then ask `r`. Irreversible.
+  void release_to(residency& r, bool params) {
+    if (!allocated()) throw error("parameter_store::release_to: the store is not allocated");
+    if (residency_ != nullptr) throw error("parameter_store::release_to: the buffers were already released to a residency");
+    residency_ = &r;
+    grads_ = tensor<gradient_type, device>();
+    grads_released_ = true;
+    if (params) {
+      params_ = tensor<storage_type, device>();
+      params_released_ = true;
+    }
+  }
+  /// Forgets `r` (its owner is going away): grad(h) and param(h) of released buffers then throw.
+  void detach(residency& r) noexcept {
+    if (residency_ == &r) residency_ = nullptr;
+  }
+  /// Whether the flat gradients (params) were released to a residency.
+  bool grads_released() const noexcept { return grads_released_; }
+  bool params_released() const noexcept { return params_released_; }
+
   /// The declared tensors, in declaration (and buffer) order.
   const std::vector<parameter_info>& infos() const noexcept { return infos_; }
   const parameter_info& info(parameter_handle h) const { return infos_.at(static_cast<std::size_t>(h.index)); }
@@ -147,8 +190,14 @@ class parameter_store {
     return n;
   }
 
-  tensor_view<storage_type, device> param(parameter_handle h) { return view_of(params_, h); }
-  tensor_view<gradient_type, device> grad(parameter_handle h) { return view_of(grads_, h); }
+  tensor_view<storage_type, device> param(parameter_handle h) {
+    if (params_released_) return tensor_view<storage_type, device>(resident().param_data(h.index), info(h).extents);
+    return view_of(params_, h);
+  }
+  tensor_view<gradient_type, device> grad(parameter_handle h) {
+    if (grads_released_) return tensor_view<gradient_type, device>(resident().grad_data(h.index), info(h).extents);
+    return view_of(grads_, h);
+  }
   tensor_view<master_type, device> master(parameter_handle h) {
     if constexpr (separate_master) {
       return view_of(master_, h);
@@ -169,7 +218,13 @@ class parameter_store {
   }
 
   /// Sets every gradient to zero (start of an accumulation window).
-  void zero_grad() { fill(checked(grads_), 0.0); }
+  void zero_grad() {
+    if (grads_released_) {
+      resident().zero_grad();
+      return;
+    }
+    fill(checked(grads_), 0.0);
+  }
 
   /// What a module's backward calls once it has accumulated its last contribution of the pass
   /// into the gradient of `h`, a tensor it owns (a layer that uses another module's tensor, as
@@ -193,16 +248,36 @@ class parameter_store {
     if constexpr (separate_master) copy(checked(master_), params_);
   }
 
-  /// Bytes held for parameters, gradients and master weights (none after release_master()).
+  /// Bytes held in the flat buffers for parameters, gradients and master weights (those
+  /// released excluded).
   std::size_t bytes() const noexcept {
-    return static_cast<std::size_t>(total_) *
-           (sizeof(storage_type) + sizeof(gradient_type) + (separate_master && !master_released_ ? sizeof(master_type) : 0));
+    return static_cast<std::size_t>(total_) * ((params_released_ ? 0 : sizeof(storage_type)) + (grads_released_ ? 0 : sizeof(gradient_type)) +
+                                               (separate_master && !master_released_ ? sizeof(master_type) : 0));
   }
 
  private:
+  residency& resident() const {
+    if (residency_ == nullptr) {
+      throw error("parameter_store: the flat buffers were released to a ZeRO step that no longer exists (a store whose "
+                  "gradients or params a parallel::distributed_step partitioned lives only as long as that step)");
+    }
+    return *residency_;
+  }
   template <class T>
   tensor<T, device>& checked(tensor<T, device>& t) {
     if (!allocated()) throw error("parameter_store: used before allocate()");
+    if constexpr (std::is_same_v<T, gradient_type>) {
+      if (&t == &grads_ && grads_released_) {
+        throw error("parameter_store: the flat gradient buffer was released (ZeRO stage >= 2 keeps each rank's reduced "
+                    "gradient shard in its parallel::distributed_step; grad(h) still gives a tensor's gradient during backward)");
+      }
+    }
+    if constexpr (std::is_same_v<T, storage_type>) {
+      if (&t == &params_ && params_released_) {
+        throw error("parameter_store: the flat params were released (ZeRO stage 3 keeps each rank's partition; param(h) "
+                    "gathers a tensor on demand, and parallel::distributed_step::gather_params gives them all)");
+      }
+    }
     if constexpr (std::is_same_v<T, master_type> && separate_master) {
       if (&t == &master_ && master_released_) {
         throw error("parameter_store: the full master weights were released (ZeRO stage >= 1 keeps each rank's partition "
@@ -228,6 +303,9 @@ class parameter_store {
   bool allocated_ = false;
   bool master_released_ = false;
   gradient_listener* listener_ = nullptr;
+  residency* residency_ = nullptr;
+  bool grads_released_ = false;
+  bool params_released_ = false;
   tensor<storage_type, device> params_;
   tensor<gradient_type, device> grads_;
   tensor<master_type, device> master_;

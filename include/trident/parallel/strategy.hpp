@@ -9,9 +9,8 @@
 /// | `single`        | everything; there is one rank                                | the optimizer step                               |
 /// | `data_parallel` | everything (a full replica)                                  | all-reduce (average) of the gradients, full step |
 /// | `zero<1>`       | full params and grads; 1/N of master weights and optimizer state | reduce-scatter, step of its 1/N, all-gather params |
-/// | `zero<2>`       | full params; 1/N of gradients, master weights, optimizer state  | as zero<1>, keeping only the reduced gradient shard |
-///
-/// (ZeRO stage 3, which also partitions the parameters, is not available yet.)
+/// | `zero<2>`       | full params; 1/N of gradients, master weights, optimizer state  | as zero<1>; gradients reduce-scattered during backward |
+/// | `zero<3>`       | 1/N of everything; a module's params gathered around its use    | as zero<2>; params gathered in forward and backward |
 
 #include "../core/concepts.hpp"
 
@@ -34,14 +33,14 @@ struct data_parallel {
 };
 
 /// ZeRO (Rajbhandari et al., 2020) stage `Stage`: stage 1 partitions the fp32 master weights
-/// and optimizer state across ranks, stage 2 the gradients as well.
-/// @tparam Stage the ZeRO stage, 1 or 2
+/// and optimizer state across ranks, stage 2 the gradients as well, stage 3 the parameters too.
+/// @tparam Stage the ZeRO stage, 1, 2 or 3
 template <int Stage>
 struct zero {
-  static_assert(Stage >= 1 && Stage <= 2,
-                "trident::zero<Stage>: Stage must be 1 (optimizer state partitioned) or 2 (+ gradients); ZeRO stage 3 "
-                "(parameters partitioned) is not available yet, and stage 0 is trident::data_parallel");
-  static constexpr const char* name = Stage == 1 ? "zero_1" : "zero_2";
+  static_assert(Stage >= 1 && Stage <= 3,
+                "trident::zero<Stage>: Stage must be 1 (optimizer state partitioned), 2 (+ gradients) or 3 (+ parameters); "
+                "stage 0 is trident::data_parallel");
+  static constexpr const char* name = Stage == 1 ? "zero_1" : Stage == 2 ? "zero_2" : "zero_3";
   static constexpr bool distributed = true;
   static constexpr int zero_stage = Stage;
 };
@@ -50,5 +49,6 @@ static_assert(parallel_strategy<single>);
 static_assert(parallel_strategy<data_parallel>);
 static_assert(parallel_strategy<zero<1>>);
 static_assert(parallel_strategy<zero<2>>);
+static_assert(parallel_strategy<zero<3>>);
 
 }  // namespace trident
