@@ -71,6 +71,13 @@
 /// Every rank must run the same model code: the gathers and reductions backward and forward
 /// trigger are collectives, matched by the order in which the ranks issue them.
 ///
+/// Gradients are final when backward returns. Data parallel (from its second step) and
+/// ZeRO-2/3 reduce them inside backward, so a gradient a rank changes afterwards, other than
+/// by another backward, is not what the other ranks see: under data parallel it is silently
+/// left out; under ZeRO-2/3 store.grad(h) after backward opens a fresh buffer for h's unit
+/// that step() reduces too, which is a collective (every rank must do the same). Loss
+/// scaling, clipping and overflow checks belong to the step, not to code between the two.
+///
 /// Determinism: with thread_comm (rank-order reductions) all ranks get bitwise identical
 /// gradients and params after every step; versus single-process training on the whole
 /// global batch only the order of the gradient summation differs (and, for zero<2>/zero<3>
@@ -147,7 +154,8 @@ struct distributed_options {
   train::step_options step{};
 };
 
-/// Bytes one rank holds for training state, by role.
+/// Bytes one rank holds for training state, by role. A communicator's own scratch (mpi_comm
+/// widens 2-byte reductions into fp32 buffers for the duration of a collective) is not counted.
 struct memory_report {
   std::size_t params = 0;           ///< params in the storage type: the full buffer, or (zero<3>) the rank's partition
   std::size_t grads = 0;            ///< gradients kept for the step: the full buffer, or (zero<2>, zero<3>) the reduced shard
