@@ -24,87 +24,13 @@
 #include <trident/mpi.hpp>
 #include <trident/parallel/zero.hpp>
 
+#include "zero_fixture.hpp"
+
 using namespace trident;
 
 namespace {
 
-constexpr index_t global_batch = 24;  // divides among 2 and 4 ranks, and their shards in 2 or 3 micro-batches
-constexpr int steps = 5;
-
-/// Two Gaussian blobs per class in 8 dimensions, `steps` global batches of them.
-struct blobs {
-  std::vector<float> x;
-  std::vector<std::int32_t> y;
-  blobs() {
-    const index_t n = global_batch * steps;
-    generator g(11);
-    tensor<float> noise({n, 8});
-    normal(noise, g, 0.0, 0.5);
-    for (index_t i = 0; i < n; ++i) {
-      const int c = static_cast<int>((i * 7) % 3);
-      y.push_back(c);
-      for (index_t j = 0; j < 8; ++j) x.push_back(static_cast<float>(((j % 3) == c ? 1.0 : 0.0) + noise.data()[i * 8 + j]));
-    }
-  }
-};
-
-const blobs& data() {
-  static const blobs d;
-  return d;
-}
-
-/// An MLP 8 → 40 (ReLU) → 24 (ReLU) → 3 with softmax cross-entropy.
-template <class P>
-struct mlp {
-  using S = typename P::storage_type;
-  nn::parameter_store<P> store;
-  nn::sequential<P, nn::linear<P>, nn::linear<P>, nn::linear<P>> net;
-  nn::softmax_cross_entropy<P> loss;
-  nn::arena<cpu> memory;
-  generator gen{3};
-
-  mlp()
-      : net(nn::linear<P>(store, "fc1", 8, 40, true, activation::relu), nn::linear<P>(store, "fc2", 40, 24, true, activation::relu),
-            nn::linear<P>(store, "fc3", 24, 3)) {
-    store.allocate();
-    generator g(5);
-    net.init(g);
-    store.master_from_params();
-  }
-
-  /// Forward and backward on rows [b, e) of global batch `step`: the gradient of
-  /// loss_scale × (mean loss over those rows) accumulates into the store.
-  void backward(int step, index_t b, index_t e, double loss_scale) {
-    const auto& d = data();
-    const index_t first = step * global_batch + b, rows = e - b;
-    tensor<float> xf({rows, 8});
-    std::memcpy(xf.data(), d.x.data() + first * 8, static_cast<std::size_t>(rows * 8) * sizeof(float));
-    tensor<S> x({rows, 8});
-    copy(xf, x);
-    memory.reset();
-    nn::context<P> ctx{memory, true, &gen};
-    auto logits = net.forward(ctx, x.view());
-    loss.forward(ctx, logits, std::span<const std::int32_t>(d.y.data() + first, static_cast<std::size_t>(rows)));
-    net.backward(ctx, loss.backward(ctx, loss_scale));
-  }
-
-  /// The params (padding left out) as floats.
-  std::vector<float> params() { return params_in(store.params().data()); }
-  /// The same through a distributed step (ZeRO-3 holds no full params; a collective).
-  template <class Dist>
-  std::vector<float> params(Dist& dist) {
-    tensor<S> all({store.size()});
-    dist.gather_params(all.view());
-    return params_in(all.data());
-  }
-  std::vector<float> params_in(const S* flat) {
-    std::vector<float> out;
-    for (const auto& p : store.infos()) {
-      for (index_t i = 0; i < p.numel(); ++i) out.push_back(static_cast<float>(flat[p.offset + i]));
-    }
-    return out;
-  }
-};
+using namespace zero_fixture;
 
 /// Params and step outcomes after each step.
 struct trace {
