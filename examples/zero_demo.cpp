@@ -183,19 +183,6 @@ inline int state_buffers(const config::optimizer_variant& opt) {
       opt);
 }
 
-/// Rows whose first maximal logit is the label.
-template <class S>
-inline index_t count_correct(tensor_view<const S, cpu> logits, std::span<const std::int32_t> labels, std::vector<float>& buffer) {
-  const index_t rows = logits.size(0), classes = logits.size(1);
-  buffer.resize(static_cast<std::size_t>(rows * classes));
-  copy(logits, tensor_view<float, cpu>(buffer.data(), {rows, classes}));
-  index_t correct = 0;
-  for (index_t i = 0; i < rows; ++i) {
-    const float* row = buffer.data() + i * classes;
-    correct += labels[static_cast<std::size_t>(i)] == static_cast<std::int32_t>(std::max_element(row, row + classes) - row);
-  }
-  return correct;
-}
 
 inline double median(std::vector<double> v) {
   if (v.empty()) return std::numeric_limits<double>::quiet_NaN();
@@ -306,7 +293,7 @@ int train_policy<P>::run(const settings& s, const config::deepspeed_config& cfg,
       nn::context<P> ctx{arena, true, &dropout};
       auto logits = model.net.forward(ctx, b.inputs.slice(0, lo, lo + micro));  // (micro, 10)
       window[0] += loss.forward(ctx, logits, labels) * static_cast<double>(micro);
-      window[1] += static_cast<double>(count_correct<S>(logits, labels, logits_f32));
+      window[1] += static_cast<double>(train::count_correct<S, cpu>(logits, labels, logits_f32));
       window[2] += static_cast<double>(micro);
       model.net.backward(ctx, loss.backward(ctx, scale));
     };
@@ -363,7 +350,7 @@ int train_policy<P>::run(const settings& s, const config::deepspeed_config& cfg,
         nn::context<P> ctx{arena, false, &dropout};
         auto logits = model.net.forward(ctx, b.inputs);
         test[0] += loss.forward(ctx, logits, b.labels) * static_cast<double>(b.size());
-        test[1] += static_cast<double>(count_correct<S>(logits, b.labels, logits_f32));
+        test[1] += static_cast<double>(train::count_correct<S, cpu>(logits, b.labels, logits_f32));
         test[2] += static_cast<double>(b.size());
       }
     }

@@ -43,6 +43,23 @@
 
 namespace trident::train {
 
+/// Rows of (rows, classes) `logits` whose first maximal logit is the row's label (a negative,
+/// ignored label never counts). The logits are converted to float once, into `buffer`, which
+/// grows to the largest batch and can be reused.
+template <class S, class D>
+index_t count_correct(tensor_view<const S, D> logits, std::span<const std::int32_t> labels, std::vector<float>& buffer) {
+  const index_t rows = logits.size(0), classes = logits.size(1);
+  buffer.resize(static_cast<std::size_t>(rows * classes));
+  copy(logits, tensor_view<float, D>(buffer.data(), {rows, classes}));
+  index_t correct = 0;
+  for (index_t i = 0; i < rows; ++i) {
+    const float* row = buffer.data() + i * classes;
+    const auto best = std::max_element(row, row + classes) - row;
+    correct += labels[static_cast<std::size_t>(i)] == static_cast<std::int32_t>(best);
+  }
+  return correct;
+}
+
 /// A scheduler that leaves the learning rate alone.
 struct constant_lr {
   template <class O>
@@ -329,19 +346,8 @@ class trainer {
     }
   }
 
-  /// Rows whose first maximal logit is the label (ignored rows never count). The logits are
-  /// converted to float once, into a buffer that grows to the largest batch and is reused.
   index_t count_correct(tensor_view<const S, D> logits, std::span<const std::int32_t> labels) {
-    const index_t rows = logits.size(0), classes = logits.size(1);
-    logits_f32_.resize(static_cast<std::size_t>(rows * classes));
-    copy(logits, tensor_view<float, D>(logits_f32_.data(), {rows, classes}));
-    index_t correct = 0;
-    for (index_t i = 0; i < rows; ++i) {
-      const float* row = logits_f32_.data() + i * classes;
-      const auto best = std::max_element(row, row + classes) - row;
-      correct += labels[static_cast<std::size_t>(i)] == static_cast<std::int32_t>(best);
-    }
-    return correct;
+    return train::count_correct(logits, labels, logits_f32_);
   }
 
   std::string progress_text(double loss_sum, index_t counted, index_t correct) const {
