@@ -18,8 +18,9 @@
 /// bfloat16 and half are moved (all_gather, broadcast) as 2-byte words, but reduced in fp32:
 /// each rank widens its buffer into an fp32 scratch buffer, MPI reduces that with MPI_FLOAT,
 /// and the result is rounded back to the 2-byte type once. Cost of the 2-byte reductions: an
-/// fp32 scratch of n floats (all_reduce) or (size+1)*n_per_rank floats (reduce_scatter) per
-/// call, two conversion passes, and twice the bytes on the wire of a 2-byte reduction. The
+/// fp32 scratch of n floats (all_reduce) or (size+1)*n_per_rank floats (reduce_scatter), kept
+/// by the communicator between blocking calls and owned by the request of a non-blocking one,
+/// two conversion passes, and twice the bytes on the wire of a 2-byte reduction. The
 /// alternative, a user-defined MPI_Op on 2-byte words, halves the traffic but rounds to 16
 /// bits at every step of MPI's reduction tree (size-1 roundings that depend on the tree),
 /// which is what this library promises not to do.
@@ -219,11 +220,11 @@ class mpi_comm {
     const int count = detail::mpi_count(n, "all_reduce");
     const auto len = static_cast<std::size_t>(n);
     if constexpr (detail::is_two_byte_float<T>) {
-      auto scratch = std::make_unique_for_overwrite<float[]>(len);
-      detail::to_accumulator(data, scratch.get(), len);
-      detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, scratch.get(), count, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Allreduce");
-      if (op == reduce_op::average) detail::divide_by(scratch.get(), len, size_);
-      detail::from_accumulator(scratch.get(), data, len);
+      float* scratch = scratch_.get<float>(len);
+      detail::to_accumulator(data, scratch, len);
+      detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, scratch, count, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Allreduce");
+      if (op == reduce_op::average) detail::divide_by(scratch, len, size_);
+      detail::from_accumulator(scratch, data, len);
     } else {
       detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Allreduce");
       if (op == reduce_op::average) detail::divide_by(data, len, size_);
@@ -239,12 +240,12 @@ class mpi_comm {
     const auto len = static_cast<std::size_t>(n_per_rank);
     if constexpr (detail::is_two_byte_float<T>) {
       const std::size_t total = len * static_cast<std::size_t>(size_);
-      auto scratch = std::make_unique_for_overwrite<float[]>(total + len);
-      detail::to_accumulator(in, scratch.get(), total);
-      detail::check_mpi(MPI_Reduce_scatter_block(scratch.get(), scratch.get() + total, count, MPI_FLOAT, detail::mpi_op(op), comm_),
+      float* scratch = scratch_.get<float>(total + len);
+      detail::to_accumulator(in, scratch, total);
+      detail::check_mpi(MPI_Reduce_scatter_block(scratch, scratch + total, count, MPI_FLOAT, detail::mpi_op(op), comm_),
                         "MPI_Reduce_scatter_block");
-      if (op == reduce_op::average) detail::divide_by(scratch.get() + total, len, size_);
-      detail::from_accumulator(scratch.get() + total, out, len);
+      if (op == reduce_op::average) detail::divide_by(scratch + total, len, size_);
+      detail::from_accumulator(scratch + total, out, len);
     } else {
       detail::check_mpi(MPI_Reduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter_block");
       if (op == reduce_op::average) detail::divide_by(out, len, size_);
@@ -404,8 +405,13 @@ class mpi_comm {
     if constexpr (detail::is_two_byte_float<T>) {
       std::size_t total = 0;
       for (int s = 0; s < size_; ++s) total += static_cast<std::size_t>(counts[s]);
-      r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
-      float* sc = r.scratch_.get();
+      float* sc = nullptr;
+      if (nonblocking) {
+        r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
+        sc = r.scratch_.get();
+      } else {
+        sc = scratch_.get<float>(total + len);
+      }
       detail::to_accumulator(in, sc, total);
       if (nonblocking) {
         detail::check_mpi(MPI_Ireduce_scatter(sc, sc + total, c, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
@@ -483,6 +489,9 @@ class mpi_comm {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
+  // fp32 staging of the blocking 2-byte reductions, kept between calls (a fresh buffer each
+  // time page-faults its way in on every call); a non-blocking one owns its staging until done
+  detail::comm_scratch scratch_;
 };
 
 static_assert(comm_request<mpi_request>);
