@@ -122,6 +122,7 @@
 #include "../core/policy.hpp"
 #include "../nn/parameters.hpp"
 #include "../optim/clip.hpp"
+#include "../ops/elementwise.hpp"
 #include "../optim/optimizer.hpp"
 #include "../train/step.hpp"
 #include "communicator.hpp"
@@ -612,10 +613,9 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
   /// The store's report: tensor `index` is final for this backward.
   void gradient_ready(int index) override {
     if constexpr (stage >= 2) {
-      auto& st = ustate_[static_cast<std::size_t>(unit_of_[static_cast<std::size_t>(index)])];
       const int u = unit_of_[static_cast<std::size_t>(index)];
       const auto& info = units_[static_cast<std::size_t>(u)];
-      if (++st.reported == info.last - info.first) launch_reduce(u);
+      if (++ustate_[static_cast<std::size_t>(u)].reported == info.last - info.first) launch_reduce(u);
       return;
     } else if constexpr (stage == 0) {
       reduced_ = false;  // new gradients since the last reduction
@@ -758,34 +758,39 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
     peak_working_ = std::max(peak_working_, local_grads_ + in_flight_ + gathered_);
   }
 
+  template <class T>
+  static std::ptrdiff_t bytes_of(const tensor<T>& t) noexcept {
+    return static_cast<std::ptrdiff_t>(static_cast<std::size_t>(t.numel()) * sizeof(T));
+  }
+
+  /// Unit u's gradient buffer, made (zero) on first use.
+  gradient_type* unit_grad(int u) {
+    auto& st = ustate_[static_cast<std::size_t>(u)];
+    if (st.grad.numel() == 0) {
+      const auto& info = units_[static_cast<std::size_t>(u)];
+      st.grad = tensor<gradient_type>({info.end - info.begin});
+      note(local_grads_, bytes_of(st.grad));
+    }
+    return st.grad.data();
+  }
+
   /// zero<2>, zero<3>: backward's gradient of tensor `index`, in its unit's buffer.
   gradient_type* grad_data(int index) override {
     const int u = unit_of_[static_cast<std::size_t>(index)];
-    auto& st = ustate_[static_cast<std::size_t>(u)];
-    const auto& info = units_[static_cast<std::size_t>(u)];
-    if (st.grad.numel() == 0) {
-      st.grad = tensor<gradient_type>({info.end - info.begin});
-      note(local_grads_, static_cast<std::ptrdiff_t>(st.grad.numel() * sizeof(gradient_type)));
-    }
-    return st.grad.data() + (store_.infos()[static_cast<std::size_t>(index)].offset - info.begin);
+    return unit_grad(u) + (store_.infos()[static_cast<std::size_t>(index)].offset - units_[static_cast<std::size_t>(u)].begin);
   }
 
   /// Starts the reduce-scatter of unit u's buffer (made zero if backward never asked for it).
   void launch_reduce(int u) {
+    unit_grad(u);
     auto& st = ustate_[static_cast<std::size_t>(u)];
-    const auto& info = units_[static_cast<std::size_t>(u)];
-    if (st.grad.numel() == 0) {
-      st.grad = tensor<gradient_type>({info.end - info.begin});
-      note(local_grads_, static_cast<std::ptrdiff_t>(st.grad.numel() * sizeof(gradient_type)));
-    }
     const auto [lo, hi] = unit_counts(u);
     flight f;
     f.grad = std::move(st.grad);
     f.piece = tensor<gradient_type>::uninitialized(shape({hi - lo}));
     f.at = lo - begin_;
-    const auto bytes = static_cast<std::ptrdiff_t>((f.grad.numel() + f.piece.numel()) * sizeof(gradient_type));
-    note(local_grads_, -static_cast<std::ptrdiff_t>(f.grad.numel() * sizeof(gradient_type)));
-    note(in_flight_, bytes);
+    note(local_grads_, -bytes_of(f.grad));
+    note(in_flight_, bytes_of(f.grad) + bytes_of(f.piece));
     f.request = comm_.ireduce_scatter_v(f.grad.data(), f.piece.data(), counts_.data(), reduce_op::average);
     st.grad = tensor<gradient_type>();
     st.reported = 0;
@@ -798,10 +803,11 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
   void retire_front() {
     flight& f = flights_.front();
     f.request.wait();
-    gradient_type* s = shard_.data() + f.at;
-    const gradient_type* p = f.piece.data();
-    for (index_t i = 0; i < f.piece.numel(); ++i) s[i] = static_cast<gradient_type>(static_cast<float>(s[i]) + static_cast<float>(p[i]));
-    note(in_flight_, -static_cast<std::ptrdiff_t>((f.grad.numel() + f.piece.numel()) * sizeof(gradient_type)));
+    if (f.piece.numel() > 0) {
+      auto dst = shard_.view().slice(0, f.at, f.at + f.piece.numel());
+      add(dst, f.piece.view(), dst);
+    }
+    note(in_flight_, -(bytes_of(f.grad) + bytes_of(f.piece)));
     flights_.pop_front();
   }
   void retire_all() {
@@ -813,7 +819,7 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
     retire_all();
     fill(shard_, 0.0);
     for (auto& st : ustate_) {
-      if (st.grad.numel()) note(local_grads_, -static_cast<std::ptrdiff_t>(st.grad.numel() * sizeof(gradient_type)));
+      note(local_grads_, -bytes_of(st.grad));
       st.grad = tensor<gradient_type>();
       st.reported = 0;
     }
@@ -827,7 +833,7 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
     const auto& info = units_[static_cast<std::size_t>(u)];
     const auto [lo, hi] = unit_counts(u);
     st.param = tensor<storage_type>::uninitialized(shape({info.end - info.begin}));
-    note(gathered_, static_cast<std::ptrdiff_t>(st.param.numel() * sizeof(storage_type)));
+    note(gathered_, bytes_of(st.param));
     const storage_type* mine = hi > lo ? pshard_.data() + (lo - begin_) : pshard_.data();
     st.fetch.emplace(comm_.iall_gather_v(mine, st.param.data(), counts_.data()));
     st.used = ++clock_;
@@ -837,7 +843,7 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
       st.fetch->wait();
       st.fetch.reset();
     }
-    if (st.param.numel()) note(gathered_, -static_cast<std::ptrdiff_t>(st.param.numel() * sizeof(storage_type)));
+    note(gathered_, -bytes_of(st.param));
     st.param = tensor<storage_type>();
   }
 
