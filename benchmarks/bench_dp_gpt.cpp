@@ -68,13 +68,7 @@ result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
   model.init(gen);
   store.master_from_params();
   std::vector<std::int32_t> x(static_cast<std::size_t>(batch * block)), y(x.size());
-  std::uint64_t r = 42;
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    r = r * 6364136223846793005ull + 1442695040888963407ull;
-    x[i] = static_cast<std::int32_t>((r >> 33) % vocab);
-    r = r * 6364136223846793005ull + 1442695040888963407ull;
-    y[i] = static_cast<std::int32_t>((r >> 33) % vocab);
-  }
+  bench::random_tokens(x, y, vocab);
   const std::span<const std::int32_t> mine_x(x.data() + first * block, static_cast<std::size_t>(rows * block));
   const std::span<const std::int32_t> mine_y(y.data() + first * block, static_cast<std::size_t>(rows * block));
   optim::adamw opt({.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.99, .weight_decay = 0.1});

@@ -64,13 +64,7 @@ struct run {
     store.master_from_params();
     x.resize(static_cast<std::size_t>(sh.batch * sh.block));
     y.resize(x.size());
-    std::uint64_t r = 42;
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      r = r * 6364136223846793005ull + 1442695040888963407ull;
-      x[i] = static_cast<std::int32_t>((r >> 33) % vocab);
-      r = r * 6364136223846793005ull + 1442695040888963407ull;
-      y[i] = static_cast<std::int32_t>((r >> 33) % vocab);
-    }
+    bench::random_tokens(x, y, vocab);
   }
 
   double step() {

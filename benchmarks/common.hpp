@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -16,6 +17,20 @@
 #include <trident/core/tensor.hpp>
 
 namespace trident::bench {
+
+/// Random token ids in [0, vocab) for inputs x and targets y (the same fixed sequence in every
+/// benchmark that trains on random tokens: bench_gpt, bench_dp_gpt).
+inline void random_tokens(std::vector<std::int32_t>& x, std::vector<std::int32_t>& y, std::int64_t vocab) {
+  std::uint64_t r = 42;
+  const auto next = [&] {
+    r = r * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<std::int32_t>((r >> 33) % static_cast<std::uint64_t>(vocab));
+  };
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x[i] = next();
+    y[i] = next();
+  }
+}
 
 using clock_type = std::chrono::steady_clock;
 
