@@ -57,66 +57,19 @@
 #include <sys/resource.h>
 
 #include "common.hpp"
+#include "p5_mlp.hpp"
 
 namespace {
 
 using namespace trident;
 
-constexpr index_t in_features = 784, hidden = 1024, classes = 10;
-constexpr double lr = 0.01, momentum = 0.9;
+using bench::classes;
+using bench::hidden;
+using bench::in_features;
 constexpr int check_steps = 5;
 
-/// The P5 model on rows [first, first + rows) of the global batch of `global` rows: bench_mlp's
-/// trainer, whose inputs and labels are the global batch's (same seeds) cut to this shard.
-/// @tparam P the policy bundle (any strategy)
 template <policy_bundle P>
-struct replica {
-  using S = typename P::storage_type;
-
-  nn::parameter_store<P> store;
-  nn::linear<P> fc1{store, "fc1", in_features, hidden, true, activation::relu};
-  nn::linear<P> fc2{store, "fc2", hidden, hidden, true, activation::relu};
-  nn::linear<P> fc3{store, "fc3", hidden, classes};
-  nn::softmax_cross_entropy<P> loss_fn{};
-  optim::sgd opt{{lr, momentum, 0.0, 0.0, false}};
-  nn::arena<cpu> memory;
-  tensor<S> x;
-  std::vector<std::int32_t> labels;
-  double loss = 0;
-
-  replica(index_t global, index_t first, index_t rows) : x({rows, in_features}), labels(static_cast<std::size_t>(rows)) {
-    fc1.set_input_grad(false);  // its input is data: no dx, as in PyTorch
-    store.allocate();
-    generator gen(1234);
-    fc1.init(gen);
-    fc2.init(gen);
-    fc3.init(gen);
-    store.master_from_params();
-    auto xf = tensor<float>({global, in_features});
-    uniform(xf, gen, -1.0, 1.0);
-    auto mine = tensor<float>::uninitialized({rows, in_features});
-    std::memcpy(mine.data(), xf.data() + first * in_features, static_cast<std::size_t>(rows * in_features) * sizeof(float));
-    copy(mine, x);
-    std::mt19937 pick(99);
-    std::vector<std::int32_t> all(static_cast<std::size_t>(global));
-    for (auto& y : all) y = static_cast<std::int32_t>(pick() % classes);
-    std::copy(all.begin() + first, all.begin() + first + rows, labels.begin());
-  }
-
-  /// Forward, loss and backward on this shard: its mean-loss gradients accumulate into the store.
-  void forward_backward() {
-    memory.reset();
-    nn::context<P> ctx{memory, true, nullptr};
-    auto h1 = fc1.forward(ctx, x.view());
-    auto h2 = fc2.forward(ctx, h1);
-    auto logits = fc3.forward(ctx, h2);
-    loss = loss_fn.forward(ctx, logits, labels);
-    auto d3 = loss_fn.backward(ctx);
-    auto d2 = fc3.backward(ctx, d3);
-    auto d1 = fc2.backward(ctx, d2);
-    fc1.backward(ctx, d1);
-  }
-};
+using replica = bench::p5_mlp<P>;
 
 /// Minor page faults of this process so far.
 long minor_faults() {

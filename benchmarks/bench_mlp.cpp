@@ -40,68 +40,31 @@
 #include <vector>
 
 #include "common.hpp"
+#include "p5_mlp.hpp"
 
 namespace {
 
 using namespace trident;
 
-constexpr index_t in_features = 784, hidden = 1024, classes = 10;
-constexpr double lr = 0.01, momentum = 0.9;
+using bench::classes;
+using bench::hidden;
+using bench::in_features;
 constexpr double flop_per_sample = 6.0 * (in_features * hidden + hidden * hidden + hidden * classes);
 
 /// The model, its parameters, optimizer, step memory and one synthetic batch.
 /// @tparam P the policy bundle
 template <policy_bundle P>
-struct trainer {
-  using S = typename P::storage_type;
-
-  nn::parameter_store<P> store;
-  nn::linear<P> fc1{store, "fc1", in_features, hidden, true, activation::relu};
-  nn::linear<P> fc2{store, "fc2", hidden, hidden, true, activation::relu};
-  nn::linear<P> fc3{store, "fc3", hidden, classes};
-  nn::softmax_cross_entropy<P> loss_fn{};
-  optim::sgd opt{{lr, momentum, 0.0, 0.0, false}};
-  nn::arena<cpu> memory;
-  tensor<S> x;
-  std::vector<std::int32_t> labels;
-  double loss = 0;
-
-  explicit trainer(index_t batch) : x({batch, in_features}), labels(static_cast<std::size_t>(batch)) {
-    fc1.set_input_grad(false);        // its input is data: no dx, as in PyTorch
-    opt.set_zero_grad_in_step(true);  // the step leaves the gradients zero: no zero_grad() pass
-    store.allocate();
-    generator gen(1234);
-    fc1.init(gen);
-    fc2.init(gen);
-    fc3.init(gen);
-    store.master_from_params();
-    auto xf = tensor<float>({batch, in_features});
-    uniform(xf, gen, -1.0, 1.0);
-    copy(xf, x);
-    std::mt19937 pick(99);
-    for (auto& y : labels) y = static_cast<std::int32_t>(pick() % classes);
-  }
-
-  /// Forward, loss and backward: the gradients of this batch accumulate into the store.
-  void forward_backward() {
-    memory.reset();
-    nn::context<P> ctx{memory, true, nullptr};
-    auto h1 = fc1.forward(ctx, x.view());
-    auto h2 = fc2.forward(ctx, h1);
-    auto logits = fc3.forward(ctx, h2);
-    loss = loss_fn.forward(ctx, logits, labels);
-    auto d3 = loss_fn.backward(ctx);
-    auto d2 = fc3.backward(ctx, d3);
-    auto d1 = fc2.backward(ctx, d2);
-    fc1.backward(ctx, d1);
+struct trainer : bench::p5_mlp<P> {
+  explicit trainer(index_t batch) : bench::p5_mlp<P>(batch, 0, batch) {
+    this->opt.set_zero_grad_in_step(true);  // the step leaves the gradients zero: no zero_grad() pass
   }
 
   /// One training step: forward, backward, and the optimizer step, which also zeroes the
   /// gradients for the next one (PyTorch's loop: zero_grad(set_to_none=True), forward,
   /// backward, step).
   void step() {
-    forward_backward();
-    opt.step(store);
+    this->forward_backward();
+    this->opt.step(this->store);
   }
 };
 
