@@ -85,6 +85,8 @@ class linear {
   index_t out_features() const noexcept { return out_; }
   parameter_handle weight() const noexcept { return weight_; }
   parameter_handle bias() const noexcept { return bias_; }
+  /// The activation fused after the affine map.
+  activation act() const noexcept { return act_; }
   /// Whether backward computes the input gradient dx (default true). A model's first layer,
   /// whose input is data, turns it off: backward then only accumulates dW and db and returns
   /// an empty view, saving the dx GEMM (a third of the layer's backward), as PyTorch does for
