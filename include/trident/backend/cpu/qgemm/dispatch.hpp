@@ -1,0 +1,236 @@
+#pragma once
+/// @file backend/cpu/qgemm/dispatch.hpp
+/// The int8 GEMM drivers: which kernel runs (what the CPU has, the shape, a scoped override),
+/// and how the work is cut between OpenMP threads.
+///
+/// C (m x n) is cut into row blocks (32 rows, two AMX tiles) and, when the row blocks alone
+/// cannot keep the threads busy, column blocks. Each thread takes a contiguous run of the
+/// blocks, rows first, so that in the dynamic linear the rows a thread quantized are the rows
+/// it multiplies, still in its cache.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "../gemm/blocked.hpp"
+#include "../gemm/common.hpp"
+#include "common.hpp"
+#include "kernel_scalar.hpp"
+#include "packing.hpp"
+#include "quantize.hpp"
+
+namespace trident::cpu_kernels::qgemm {
+
+inline bool kernel_available(kernel k) noexcept {
+  switch (k) {
+    case kernel::automatic:
+    case kernel::scalar: return true;
+    case kernel::avx512_vnni: return false;
+    case kernel::amx_int8: return false;
+  }
+  return false;
+}
+
+namespace detail {
+
+/// Rows per row block of C.
+inline constexpr index_t row_block = 32;
+
+/// The kernel for an m x n x k product: the override when one is set, else the best one.
+inline kernel choose_kernel(index_t m, index_t n, index_t k) noexcept {
+  (void)m;
+  (void)n;
+  (void)k;
+  const kernel forced = kernel_override();
+  if (forced != kernel::automatic) return forced;
+  return kernel::scalar;
+}
+
+/// The rate (ops/s) one thread reaches with kernel `kk`, for the threading decision.
+inline double single_thread_rate(kernel kk) noexcept {
+  switch (kk) {
+    case kernel::amx_int8: return 2.0e12;
+    case kernel::avx512_vnni: return 6.0e11;
+    default: return 2.0e10;
+  }
+}
+
+/// How C is cut into blocks.
+struct block_grid {
+  index_t row_blocks = 0, col_blocks = 1, cols = 0;  ///< cols: columns per column block (a multiple of 32)
+  index_t items() const noexcept { return row_blocks * col_blocks; }
+};
+
+inline block_grid make_grid(index_t m, index_t n, int nthreads) noexcept {
+  block_grid g;
+  g.row_blocks = ceil_div(m, row_block);
+  g.col_blocks = 1;
+  if (g.row_blocks < 2 * nthreads && nthreads > 1) {
+    g.col_blocks = std::min(ceil_div(n, 32), ceil_div(2 * static_cast<index_t>(nthreads), g.row_blocks));
+  }
+  g.cols = round_up(ceil_div(n, g.col_blocks), 32);
+  g.col_blocks = ceil_div(n, g.cols);
+  return g;
+}
+
+/// One thread's state for one kernel (AMX: the tile configuration, scratch).
+struct thread_ctx {
+  kernel kk = kernel::scalar;
+};
+
+inline void thread_begin(thread_ctx& t) noexcept { (void)t; }
+inline void thread_end(thread_ctx& t) noexcept { (void)t; }
+
+/// C[i0:i1, j0:j1] through `sp` with kernel t.kk. A is row-major u8 with leading dimension
+/// lda; `a_padded`: A's rows may be read up to w.kp bytes (zeros beyond k).
+inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t lda, bool a_padded, index_t i0, index_t i1,
+                      const packed_view& w, index_t j0, index_t j1, const store_params& sp) noexcept {
+  (void)a_padded;
+  switch (t.kk) {
+    default: gemm_scalar(a, lda, i0, i1, w, j0, j1, sp); break;
+  }
+}
+
+/// Runs the blocks [b0, b1) of grid g in order.
+inline void run_blocks(thread_ctx& t, const block_grid& g, index_t b0, index_t b1, const std::uint8_t* a, index_t m,
+                       index_t lda, bool a_padded, const packed_view& w, const store_params& sp) noexcept {
+  for (index_t b = b0; b < b1; ++b) {
+    const index_t rb = b / g.col_blocks, cb = b % g.col_blocks;
+    const index_t i0 = rb * row_block, i1 = std::min(m, i0 + row_block);
+    const index_t j0 = cb * g.cols, j1 = std::min(w.n, j0 + g.cols);
+    run_block(t, a, lda, a_padded, i0, i1, w, j0, j1, sp);
+  }
+}
+
+}  // namespace detail
+
+/// C = A · Wᵀ through the epilogue `sp`, A m x w.k (row-major u8, leading dimension lda).
+inline void gemm_u8s8(const std::uint8_t* a, index_t m, index_t lda, const packed_view& w, const store_params& sp) {
+  const kernel kk = detail::choose_kernel(m, w.n, w.k);
+  const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
+  const int nthreads = cpu_kernels::detail::gemm_threads(ops, detail::single_thread_rate(kk));
+  const detail::block_grid g = detail::make_grid(m, w.n, nthreads);
+  cpu_kernels::detail::run_parallel(nthreads, [&](int tid, int nt, std::int64_t* waited) {
+    (void)waited;
+    detail::thread_ctx t;
+    t.kk = kk;
+    detail::thread_begin(t);
+    const index_t items = g.items();
+    detail::run_blocks(t, g, items * tid / nt, items * (tid + 1) / nt, a, m, lda, false, w, sp);
+    detail::thread_end(t);
+  });
+}
+
+/// The rows [i0, i1) of x quantized dynamically into q (leading dimension ldq, zero padding up
+/// to kp), with per-row parameters (per_row) or the given per-tensor ones. Returns false when
+/// a row held a NaN or infinity (the caller reports it).
+inline bool quantize_rows(const float* x, index_t ldx, index_t k, index_t kp, index_t i0, index_t i1, bool per_row,
+                          std::uint8_t* q, index_t ldq, float* scales, std::int32_t* zeros) noexcept {
+  bool ok = true;
+  for (index_t i = i0; i < i1; ++i) {
+    const float* xi = x + i * ldx;
+    float s = scales[0];
+    std::int32_t z = zeros[0];
+    if (per_row) {
+      const value_range r = range_of(xi, k);
+      if (!r.finite) {
+        ok = false;
+        continue;
+      }
+      dynamic_params(r.lo, r.hi, s, z);
+      scales[i] = s;
+      zeros[i] = z;
+    }
+    quantize_row_u8(xi, k, s, z, q + i * ldq);
+    if (kp > k) std::fill(q + i * ldq + k, q + i * ldq + kp, std::uint8_t(0));
+  }
+  return ok;
+}
+
+/// y = act(dequantized (quantize_dynamic(x) · Wᵀ) + bias), fused: each thread quantizes the
+/// rows of its blocks into a shared scratch and multiplies them while they are in its cache.
+/// Returns false when x held a NaN or infinity (y is then unspecified).
+inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_view& w, const float* w_scale,
+                           const std::int32_t* row_sum, float* y, index_t ldy, const float* bias, activation act,
+                           bool per_row) {
+  const kernel kk = detail::choose_kernel(m, w.n, w.k);
+  const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
+  const int nthreads = cpu_kernels::detail::gemm_threads(ops, detail::single_thread_rate(kk));
+  const detail::block_grid g = detail::make_grid(m, w.n, nthreads);
+  const index_t ldq = w.kp;
+  // Scratch: the quantized rows, then the per-row scales and zero points.
+  const std::size_t qbytes = static_cast<std::size_t>(round_up(m * ldq, 64));
+  auto* scratch = static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(0).get(
+      qbytes + static_cast<std::size_t>(m) * (sizeof(float) + sizeof(std::int32_t)) + 64));
+  std::uint8_t* q = scratch;
+  auto* scales = reinterpret_cast<float*>(scratch + qbytes);
+  auto* zeros = reinterpret_cast<std::int32_t*>(scales + m);
+
+  store_params sp;
+  sp.out_f32 = y;
+  sp.ld = ldy;
+  sp.a_scale = scales;
+  sp.a_zero = zeros;
+  sp.per_row = per_row;
+  sp.w_scale = w_scale;
+  sp.row_sum = row_sum;
+  sp.bias = bias;
+  sp.act = act;
+
+  std::atomic<bool> ok{true};
+  std::vector<value_range> ranges(static_cast<std::size_t>(nthreads));
+  std::vector<float> local_scale(static_cast<std::size_t>(nthreads));
+  std::vector<std::int32_t> local_zero(static_cast<std::size_t>(nthreads));
+  cpu_kernels::detail::run_parallel(nthreads, [&](int tid, int nt, std::int64_t* waited) {
+    (void)waited;
+    const index_t items = g.items();
+    const index_t b0 = items * tid / nt, b1 = items * (tid + 1) / nt;
+    if (!per_row) {
+      // One scale for the whole tensor: everyone's range first.
+      value_range r;
+      for (index_t i = m * tid / nt; i < m * (tid + 1) / nt; ++i) r.merge(range_of(x + i * ldx, w.k));
+      ranges[static_cast<std::size_t>(tid)] = r;
+#if defined(TRIDENT_HAS_OPENMP)
+#pragma omp barrier
+#endif
+      value_range all;
+      for (int t = 0; t < nt; ++t) all.merge(ranges[static_cast<std::size_t>(t)]);
+      if (!all.finite) {
+        ok.store(false, std::memory_order_relaxed);
+        return;  // every thread sees the same range and leaves here
+      }
+      // Every thread computes the same parameters into its own slot, read by its epilogue.
+      dynamic_params(all.lo, all.hi, local_scale[static_cast<std::size_t>(tid)], local_zero[static_cast<std::size_t>(tid)]);
+    }
+    // Rows this thread quantizes: those of its blocks. When columns are split, several threads
+    // share a row block; then the rows are split evenly instead and everyone waits for all.
+    const bool shared_rows = g.col_blocks > 1;
+    index_t r0 = std::min(m, (b0 / g.col_blocks) * detail::row_block);
+    index_t r1 = std::min(m, ceil_div(b1, g.col_blocks) * detail::row_block);
+    if (shared_rows) {
+      r0 = m * tid / nt;
+      r1 = m * (tid + 1) / nt;
+    }
+    float* sc = per_row ? scales : &local_scale[static_cast<std::size_t>(tid)];
+    std::int32_t* zc = per_row ? zeros : &local_zero[static_cast<std::size_t>(tid)];
+    if (!quantize_rows(x, ldx, w.k, w.kp, r0, r1, per_row, q, ldq, sc, zc)) ok.store(false, std::memory_order_relaxed);
+    if (shared_rows) {
+#if defined(TRIDENT_HAS_OPENMP)
+#pragma omp barrier
+#endif
+    }
+    if (!ok.load(std::memory_order_relaxed)) return;
+    detail::thread_ctx t;
+    t.kk = kk;
+    detail::thread_begin(t);
+    store_params tsp = sp;
+    tsp.a_scale = sc;
+    tsp.a_zero = zc;
+    detail::run_blocks(t, g, b0, b1, q, m, ldq, true, w, tsp);
+    detail::thread_end(t);
+  });
+  return ok.load();
+}
+
+}  // namespace trident::cpu_kernels::qgemm

@@ -1,0 +1,88 @@
+#pragma once
+/// @file backend/cpu/qgemm/quantize.hpp
+/// Dynamic quantization of activations to uint8 (ONNX DynamicQuantizeLinear), one row at a
+/// time: the range of a row (its minimum and maximum, and whether everything is finite), the
+/// scale and zero point of a range, and QuantizeLinear of a row. The AVX-512 versions give
+/// bit-identical results to the scalar ones (x / scale in float, rounded half to even).
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "../../../quant/onnx.hpp"
+#include "common.hpp"
+
+#if defined(TRIDENT_HAS_AVX512)
+#include "../intrinsics.hpp"
+#endif
+
+namespace trident::cpu_kernels::qgemm {
+
+/// The range of a run of values.
+struct value_range {
+  float lo = std::numeric_limits<float>::infinity();
+  float hi = -std::numeric_limits<float>::infinity();
+  bool finite = true;  ///< false when a NaN or infinity was seen
+
+  void merge(const value_range& o) noexcept {
+    lo = std::min(lo, o.lo);
+    hi = std::max(hi, o.hi);
+    finite = finite && o.finite;
+  }
+};
+
+/// Minimum, maximum and finiteness of x[0, n).
+inline value_range range_of(const float* x, index_t n) noexcept {
+  value_range r;
+  index_t p = 0;
+#if defined(TRIDENT_HAS_AVX512)
+  __m512 lo = _mm512_set1_ps(r.lo), hi = _mm512_set1_ps(r.hi);
+  const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
+  __mmask16 bad = 0;
+  for (; p + 16 <= n; p += 16) {
+    const __m512 v = _mm512_loadu_ps(x + p);
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exp_mask), exp_mask);
+  }
+  r.lo = _mm512_reduce_min_ps(lo);
+  r.hi = _mm512_reduce_max_ps(hi);
+  r.finite = bad == 0;
+#endif
+  for (; p < n; ++p) {
+    const float v = x[p];
+    if (!std::isfinite(v)) r.finite = false;
+    r.lo = std::min(r.lo, v);
+    r.hi = std::max(r.hi, v);
+  }
+  return r;
+}
+
+/// ONNX DynamicQuantizeLinear's parameters for the range [lo, hi] (finite):
+/// scale = (max(0, hi) - min(0, lo)) / 255, 1 for a range of 0; zero point =
+/// saturate(round_half_even(-min(0, lo) / scale)).
+inline void dynamic_params(float lo, float hi, float& scale, std::int32_t& zero) noexcept {
+  const float lo0 = std::min(0.0f, lo), hi0 = std::max(0.0f, hi);
+  scale = (hi0 - lo0) / 255.0f;
+  if (!(scale > 0.0f)) scale = 1.0f;
+  const float z = quant::round_half_even((0.0f - lo0) / scale);
+  zero = static_cast<std::int32_t>(std::clamp(z, 0.0f, 255.0f));
+}
+
+/// q[p] = ONNX QuantizeLinear(x[p], scale, zero) as uint8 for p < n (x finite).
+inline void quantize_row_u8(const float* x, index_t n, float scale, std::int32_t zero, std::uint8_t* q) noexcept {
+  index_t p = 0;
+#if defined(TRIDENT_HAS_AVX512)
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(static_cast<float>(zero));
+  const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.0f);
+  for (; p + 16 <= n; p += 16) {
+    // Division (not a reciprocal) and ties to even: exactly quant::quantize_value.
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + p), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + p), _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(r)));
+  }
+#endif
+  for (; p < n; ++p) q[p] = static_cast<std::uint8_t>(quant::quantize_value<std::uint8_t>(x[p], scale, zero));
+}
+
+}  // namespace trident::cpu_kernels::qgemm
