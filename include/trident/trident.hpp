@@ -38,3 +38,4 @@
 #include "optim/optim.hpp"
 #include "sched/sched.hpp"
 #include "train.hpp"
+#include "distill.hpp"
