@@ -93,27 +93,6 @@ inline kernel& kernel_override() noexcept {
 
 }  // namespace detail
 
-/// Whether kernel `k` was compiled in and this CPU (and OS) can run it.
-bool kernel_available(kernel k) noexcept;
-
-/// Forces the int8 GEMMs called from this thread to use one kernel while it lives (tests,
-/// benchmarks). Throws trident::error when the kernel is not available here.
-class scoped_kernel {
- public:
-  explicit scoped_kernel(kernel k) : prev_(detail::kernel_override()) {
-    if (!kernel_available(k)) {
-      throw error(std::string("int8 GEMM: kernel '") + to_string(k) + "' is not available on this CPU or build");
-    }
-    detail::kernel_override() = k;
-  }
-  scoped_kernel(const scoped_kernel&) = delete;
-  scoped_kernel& operator=(const scoped_kernel&) = delete;
-  ~scoped_kernel() { detail::kernel_override() = prev_; }
-
- private:
-  kernel prev_;
-};
-
 /// What happens to each finished int32 sum s = Σ_k a[i,k]·w[j,k] of C (i, j absolute):
 ///   out_i32 != nullptr:  out_i32[i * ld + j] = s
 ///   otherwise:           out_f32[i * ld + j] = act(a_scale_i · w_scale_j · (s − a_zero_i · row_sum_j) + bias_j)

@@ -16,21 +16,52 @@
 #include "../gemm/blocked.hpp"
 #include "../gemm/common.hpp"
 #include "common.hpp"
+#include "kernel_amx.hpp"
 #include "kernel_scalar.hpp"
+#include "kernel_vnni.hpp"
 #include "packing.hpp"
 #include "quantize.hpp"
 
 namespace trident::cpu_kernels::qgemm {
 
+/// Whether kernel `k` was compiled in and this CPU (and OS) can run it.
 inline bool kernel_available(kernel k) noexcept {
   switch (k) {
     case kernel::automatic:
     case kernel::scalar: return true;
-    case kernel::avx512_vnni: return false;
-    case kernel::amx_int8: return false;
+    case kernel::avx512_vnni:
+#if defined(TRIDENT_HAS_QGEMM_VNNI)
+      return detail::cpu_has_vnni();
+#else
+      return false;
+#endif
+    case kernel::amx_int8:
+#if defined(TRIDENT_HAS_QGEMM_AMX)
+      return amx_int8_usable();
+#else
+      return false;
+#endif
   }
   return false;
 }
+
+/// Forces the int8 GEMMs called from this thread to use one kernel while it lives (tests,
+/// benchmarks). Throws trident::error when the kernel is not available here.
+class scoped_kernel {
+ public:
+  explicit scoped_kernel(kernel k) : prev_(detail::kernel_override()) {
+    if (!kernel_available(k)) {
+      throw error(std::string("int8 GEMM: kernel '") + to_string(k) + "' is not available on this CPU or build");
+    }
+    detail::kernel_override() = k;
+  }
+  scoped_kernel(const scoped_kernel&) = delete;
+  scoped_kernel& operator=(const scoped_kernel&) = delete;
+  ~scoped_kernel() { detail::kernel_override() = prev_; }
+
+ private:
+  kernel prev_;
+};
 
 namespace detail {
 
@@ -38,12 +69,13 @@ namespace detail {
 inline constexpr index_t row_block = 32;
 
 /// The kernel for an m x n x k product: the override when one is set, else the best one.
+/// AMX when the CPU has it and C has at least 16 rows (an A tile's worth) and the product is
+/// not tiny (tile configuration and the 32 x 32 blocks cost more than they save); else VNNI.
 inline kernel choose_kernel(index_t m, index_t n, index_t k) noexcept {
-  (void)m;
-  (void)n;
-  (void)k;
   const kernel forced = kernel_override();
   if (forced != kernel::automatic) return forced;
+  if (m >= 16 && n >= 32 && k >= 64 && kernel_available(kernel::amx_int8)) return kernel::amx_int8;
+  if (kernel_available(kernel::avx512_vnni)) return kernel::avx512_vnni;
   return kernel::scalar;
 }
 
@@ -74,21 +106,46 @@ inline block_grid make_grid(index_t m, index_t n, int nthreads) noexcept {
   return g;
 }
 
-/// One thread's state for one kernel (AMX: the tile configuration, scratch).
+/// One thread's state for one kernel (AMX: the tile configuration and a packing buffer).
 struct thread_ctx {
   kernel kk = kernel::scalar;
+  std::uint8_t* abuf = nullptr;  ///< AMX: a 32-row strip of A, padded to kp
 };
 
-inline void thread_begin(thread_ctx& t) noexcept { (void)t; }
-inline void thread_end(thread_ctx& t) noexcept { (void)t; }
+inline void thread_begin(thread_ctx& t, const packed_view& w) {
+#if defined(TRIDENT_HAS_QGEMM_AMX)
+  if (t.kk == kernel::amx_int8) {
+    t.abuf = static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(1).get(static_cast<std::size_t>(32 * w.kp)));
+    amx_int8_begin();
+  }
+#else
+  (void)t;
+  (void)w;
+#endif
+}
+inline void thread_end(thread_ctx& t) noexcept {
+#if defined(TRIDENT_HAS_QGEMM_AMX)
+  if (t.kk == kernel::amx_int8) amx_int8_end();
+#else
+  (void)t;
+#endif
+}
 
 /// C[i0:i1, j0:j1] through `sp` with kernel t.kk. A is row-major u8 with leading dimension
 /// lda; `a_padded`: A's rows may be read up to w.kp bytes (zeros beyond k).
 inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t lda, bool a_padded, index_t i0, index_t i1,
                       const packed_view& w, index_t j0, index_t j1, const store_params& sp) noexcept {
-  (void)a_padded;
   switch (t.kk) {
-    default: gemm_scalar(a, lda, i0, i1, w, j0, j1, sp); break;
+#if defined(TRIDENT_HAS_QGEMM_AMX)
+    case kernel::amx_int8: gemm_amx(a, lda, a_padded, i0, i1, w, j0, j1, sp, t.abuf); break;
+#endif
+#if defined(TRIDENT_HAS_QGEMM_VNNI)
+    case kernel::avx512_vnni: gemm_vnni(a, lda, a_padded, i0, i1, w, j0, j1, sp); break;
+#endif
+    default:
+      (void)a_padded;
+      gemm_scalar(a, lda, i0, i1, w, j0, j1, sp);
+      break;
   }
 }
 
@@ -115,7 +172,7 @@ inline void gemm_u8s8(const std::uint8_t* a, index_t m, index_t lda, const packe
     (void)waited;
     detail::thread_ctx t;
     t.kk = kk;
-    detail::thread_begin(t);
+    detail::thread_begin(t, w);
     const index_t items = g.items();
     detail::run_blocks(t, g, items * tid / nt, items * (tid + 1) / nt, a, m, lda, false, w, sp);
     detail::thread_end(t);
@@ -223,7 +280,7 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
     if (!ok.load(std::memory_order_relaxed)) return;
     detail::thread_ctx t;
     t.kk = kk;
-    detail::thread_begin(t);
+    detail::thread_begin(t, w);
     store_params tsp = sp;
     tsp.a_scale = sc;
     tsp.a_zero = zc;
