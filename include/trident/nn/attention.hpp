@@ -17,7 +17,10 @@
 
 namespace trident::nn {
 
-/// y = c_proj(attention(c_attn(x))) over (B, T, width) with `heads` heads of width / heads.
+/// y = c_proj(attention(c_attn(x))) over (B, T, width) with `heads` heads of width / heads
+/// each, or of `head_width` each when given: then the heads span heads * head_width features
+/// (c_attn: width -> 3 heads head_width, c_proj: heads head_width -> width), which is what a
+/// block keeps after attention heads were pruned (prune/structured.hpp).
 /// @tparam Policy the policy bundle
 template <policy_bundle Policy>
 class causal_self_attention {
@@ -28,13 +31,15 @@ class causal_self_attention {
   using stat_type = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
   /// Declares `name.c_attn.{weight,bias}` and `name.c_proj.{weight,bias}` (biases when `bias`).
-  /// `dropout` is the probability of dropping an attention weight while training.
+  /// `dropout` is the probability of dropping an attention weight while training;
+  /// `head_width` 0 means width / heads.
   causal_self_attention(parameter_store<Policy>& store, const std::string& name, index_t width, index_t heads,
-                        bool bias = true, double dropout = 0.0)
-      : c_attn_(store, name + ".c_attn", width, 3 * check(name, width, heads, dropout), bias),
-        c_proj_(store, name + ".c_proj", width, width, bias),
+                        bool bias = true, double dropout = 0.0, index_t head_width = 0)
+      : c_attn_(store, name + ".c_attn", width, 3 * check(name, width, heads, dropout, head_width), bias),
+        c_proj_(store, name + ".c_proj", heads * (head_width > 0 ? head_width : width / heads), width, bias),
         width_(width),
         heads_(heads),
+        head_width_(head_width > 0 ? head_width : width / heads),
         dropout_(dropout) {}
 
   /// Both projections ~ U(±1/sqrt(width)) (PyTorch's default).
@@ -47,6 +52,9 @@ class causal_self_attention {
   linear<Policy>& c_proj() noexcept { return c_proj_; }
   index_t heads() const noexcept { return heads_; }
   index_t width() const noexcept { return width_; }
+  /// Features per head, and of all heads together (heads * head_width; width unless pruned).
+  index_t head_width() const noexcept { return head_width_; }
+  index_t inner_width() const noexcept { return heads_ * head_width_; }
 
   /// x (B, T, width) -> (B, T, width).
   tensor_view<S, D> forward(context<Policy>& ctx, tensor_view<const S, D> x) {
@@ -64,7 +72,7 @@ class causal_self_attention {
       }
       spec_ = ctx.rng->next(static_cast<std::uint64_t>(b_ * heads_ * t_ * t_), distribution::uniform, 0.0, 1.0);
     }
-    y_ = ctx.template allocate<S>({b_, t_, width_});
+    y_ = ctx.template allocate<S>({b_, t_, inner_width()});
     lse_ = ctx.template allocate<stat_type>({b_, heads_, t_});
     nn_kernels<D>::attention_forward(y_, lse_, tensor_view<const S, D>(qkv_), heads_, scale(),
                                      active_dropout_ ? dropout_ : 0.0, spec_);
@@ -74,7 +82,7 @@ class causal_self_attention {
   /// dy (B, T, width) -> dx; accumulates the projections' gradients.
   tensor_view<S, D> backward(context<Policy>& ctx, tensor_view<const S, D> dy) {
     auto dyatt = c_proj_.backward(ctx, dy);
-    auto dqkv = ctx.template allocate<S>({b_, t_, 3 * width_});
+    auto dqkv = ctx.template allocate<S>({b_, t_, 3 * inner_width()});
     nn_kernels<D>::attention_backward(dqkv, tensor_view<const S, D>(qkv_), tensor_view<const S, D>(y_),
                                       tensor_view<const S, D>(dyatt), tensor_view<const stat_type, D>(lse_), heads_,
                                       scale(), active_dropout_ ? dropout_ : 0.0, spec_);
@@ -91,24 +99,30 @@ class causal_self_attention {
   }
 
  private:
-  static index_t check(const std::string& name, index_t width, index_t heads, double dropout) {
-    if (heads <= 0 || width <= 0 || width % heads != 0) {
+  /// Checks the sizes; returns the heads' total width.
+  static index_t check(const std::string& name, index_t width, index_t heads, double dropout, index_t head_width) {
+    if (head_width < 0 || (head_width > 0 && (heads <= 0 || width <= 0))) {
+      throw shape_error("nn::causal_self_attention '" + name + "': " + std::to_string(heads) + " heads of width " +
+                        std::to_string(head_width) + " on a stream of width " + std::to_string(width) +
+                        " (heads, widths must be positive)");
+    }
+    if (head_width == 0 && (heads <= 0 || width <= 0 || width % heads != 0)) {
       throw shape_error("nn::causal_self_attention '" + name + "': width " + std::to_string(width) +
                         " must be a positive multiple of the number of heads " + std::to_string(heads));
     }
     if (!(dropout >= 0.0 && dropout < 1.0)) {
       throw error("nn::causal_self_attention '" + name + "': dropout must be in [0, 1), got " + std::to_string(dropout));
     }
-    return width;
+    return head_width > 0 ? heads * head_width : width;
   }
-  double scale() const noexcept { return 1.0 / std::sqrt(static_cast<double>(width_ / heads_)); }
+  double scale() const noexcept { return 1.0 / std::sqrt(static_cast<double>(head_width_)); }
   /// Multiply-adds of one causal product (q.k or p.v): B * H * T(T+1)/2 * head width.
   std::int64_t attention_macs() const noexcept {
-    return static_cast<std::int64_t>(b_) * heads_ * (t_ * (t_ + 1) / 2) * (width_ / heads_);
+    return static_cast<std::int64_t>(b_) * heads_ * (t_ * (t_ + 1) / 2) * head_width_;
   }
 
   linear<Policy> c_attn_, c_proj_;
-  index_t width_, heads_;
+  index_t width_, heads_, head_width_;
   double dropout_;
   bool active_dropout_ = false;
   random_spec spec_{};

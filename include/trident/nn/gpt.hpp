@@ -76,10 +76,12 @@ class transformer_block {
   using D = typename Policy::device;
 
   /// Declares `name.ln_1`, `name.attn`, `name.ln_2`, `name.mlp.c_fc`, `name.mlp.c_proj`.
+  /// `head_width` 0: width / heads (a block whose heads were pruned keeps the original head
+  /// width with fewer heads).
   transformer_block(parameter_store<Policy>& store, const std::string& name, index_t width, index_t heads, bool bias,
-                    double dropout)
+                    double dropout, index_t head_width = 0)
       : ln_1_(store, name + ".ln_1", width, 1e-5, true, bias),
-        attn_(store, name + ".attn", width, heads, bias, dropout),
+        attn_(store, name + ".attn", width, heads, bias, dropout, head_width),
         ln_2_(store, name + ".ln_2", width, 1e-5, true, bias),
         c_fc_(store, name + ".mlp.c_fc", width, 4 * width, bias, activation::gelu),
         c_proj_(store, name + ".mlp.c_proj", 4 * width, width, bias),
