@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <unistd.h>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -27,6 +28,10 @@ namespace {
 std::atomic<long> g_allocations{0};
 }  // namespace
 
+// The replacements pair malloc with free; GCC 12 cannot see that and warns (-Wmismatched-new-delete).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
 void* operator new(std::size_t n) {
   g_allocations.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
@@ -324,4 +329,248 @@ TEST_CASE("weight_only_linear matches a double GEMM of the dequantised weights")
     CHECK_THROWS_WITH_AS(quant::weight_only_linear(x.data(), 2, 32, w, y.data(), 4),
                          doctest::Contains("y's row stride 4 is smaller than the weights' out 8"), shape_error);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The on-disk container (quant/storage.hpp).
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "trident/quant/storage.hpp"
+
+namespace {
+
+std::filesystem::path temp_file(const std::string& stem) {
+  return std::filesystem::temp_directory_path() /
+         ("trident_wo_" + stem + "_" + std::to_string(static_cast<long>(::getpid())) + ".tqw");
+}
+
+std::string read_all(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+void write_all(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// An independent writer of the documented format, for files the library would never write.
+struct file_writer {
+  std::string body;
+  template <class T>
+  void put(T v) {
+    body.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+  void entry(std::uint32_t format, const std::string& name, std::uint64_t out, std::uint64_t in, std::uint64_t group,
+             std::uint64_t value_bytes, std::uint64_t scales) {
+    put(format);
+    put(static_cast<std::uint32_t>(name.size()));
+    body += name;
+    put(out);
+    put(in);
+    put(group);
+    put(value_bytes);
+    put(scales);
+    body.append(static_cast<std::size_t>(value_bytes), '\x01');
+    for (std::uint64_t i = 0; i < scales; ++i) put(0.5f);
+  }
+  std::string file(std::uint32_t entries, std::uint32_t version = 1) const {
+    std::string f = "TRDNTQW\n";
+    auto put_to = [&](auto v) { f.append(reinterpret_cast<const char*>(&v), sizeof v); };
+    put_to(version);
+    put_to(entries);
+    put_to(static_cast<std::uint64_t>(32 + body.size()));
+    std::uint64_t h = 14695981039346656037ull;  // FNV-1a 64 of the body
+    for (unsigned char c : body) h = (h ^ c) * 1099511628211ull;
+    put_to(h);
+    return f + body;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("quant::save / quant::load: a round trip is exact, for every format") {
+  const auto w1 = random_weights(37 * 64, 31);
+  const auto w2 = random_weights(5 * 256, 32);
+  const auto w3 = random_weights(7 * 48, 33);
+  const auto w4 = random_weights(4 * 12, 34);
+  std::vector<quant::weight_entry> entries;
+  entries.push_back({"blocks.0.fc1.weight", quant::groupwise_weight<std::int8_t>::quantize(w1.data(), 37, 64, 64, 32)});
+  entries.push_back({"blocks.0.fc2.weight", quant::groupwise_weight<int4_t>::quantize(w2.data(), 5, 256, 256, 128)});
+  entries.push_back({"head", quant::packed_int8_weight::quantize(w3.data(), 7, 48, 48)});
+  entries.push_back({"", quant::groupwise_weight<int4_t>::quantize(w4.data(), 4, 12, 12, 3)});
+  const auto path = temp_file("roundtrip");
+  quant::save(path, entries);
+  CHECK_FALSE(std::filesystem::exists(path.string() + ".tmp"));
+  const auto loaded = quant::load(path);
+  REQUIRE(loaded.size() == entries.size());
+  for (std::size_t e = 0; e < entries.size(); ++e) {
+    CAPTURE(e);
+    CHECK(loaded[e].name == entries[e].name);
+    REQUIRE(loaded[e].weight.index() == entries[e].weight.index());
+    std::visit(
+        [&](const auto& a) {
+          using W = std::decay_t<decltype(a)>;
+          const W& b = std::get<W>(loaded[e].weight);
+          CHECK(b.out() == a.out());
+          CHECK(b.in() == a.in());
+          REQUIRE(b.scales().size() == a.scales().size());
+          CHECK(std::memcmp(b.scales().data(), a.scales().data(), a.scales().size() * 4) == 0);
+          int diff = 0;
+          for (index_t j = 0; j < a.out(); ++j) {
+            for (index_t k = 0; k < a.in(); ++k) diff += a.value(j, k) != b.value(j, k);
+          }
+          CHECK(diff == 0);
+          if constexpr (!std::is_same_v<W, quant::packed_int8_weight>) {
+            CHECK(b.group() == a.group());
+            CHECK(std::vector<std::uint8_t>(b.data().begin(), b.data().end()) ==
+                  std::vector<std::uint8_t>(a.data().begin(), a.data().end()));
+          }
+        },
+        entries[e].weight);
+  }
+  // A loaded weight computes exactly what the saved one did.
+  const auto& a = quant::get<quant::groupwise_weight<int4_t>>(entries, "blocks.0.fc2.weight");
+  const auto& b = quant::get<quant::groupwise_weight<int4_t>>(loaded, "blocks.0.fc2.weight");
+  const auto x = random_weights(3 * 256, 35);
+  std::vector<float> ya(15), yb(15);
+  quant::weight_only_linear(x.data(), 3, 256, a, ya.data(), 5);
+  quant::weight_only_linear(x.data(), 3, 256, b, yb.data(), 5);
+  CHECK(ya == yb);
+  CHECK_THROWS_WITH_AS(quant::get<quant::groupwise_weight<std::int8_t>>(loaded, "head"),
+                       doctest::Contains("'head' is stored as int8 per-channel"), error);
+  CHECK_THROWS_WITH_AS(quant::get<quant::packed_int8_weight>(loaded, "tail"), doctest::Contains("no weight named 'tail'"),
+                       error);
+  // Saving again replaces the file whole.
+  entries.pop_back();
+  quant::save(path, entries);
+  CHECK(quant::load(path).size() == 3);
+  std::filesystem::remove(path);
+  // Duplicate names and an unwritable place are refused, naming the file.
+  entries.push_back({"head", quant::packed_int8_weight::quantize(w3.data(), 7, 48, 48)});
+  CHECK_THROWS_WITH_AS(quant::save(path, entries), doctest::Contains("two entries are named 'head'"), error);
+  entries.pop_back();
+  CHECK_THROWS_WITH_AS(quant::save("/nonexistent-dir/x.tqw", entries), doctest::Contains("/nonexistent-dir/x.tqw.tmp"), error);
+  CHECK_THROWS_WITH_AS(quant::load("/nonexistent-dir/x.tqw"), doctest::Contains("cannot open '/nonexistent-dir/x.tqw'"),
+                       error);
+}
+
+TEST_CASE("quant::load rejects truncated, foreign, future, corrupt and inconsistent files") {
+  const auto w = random_weights(16 * 64, 41);
+  std::vector<quant::weight_entry> entries;
+  entries.push_back({"fc", quant::groupwise_weight<int4_t>::quantize(w.data(), 16, 64, 64, 32)});
+  const auto path = temp_file("bad");
+  quant::save(path, entries);
+  const std::string good = read_all(path);
+  const std::string name = path.string();
+  auto load_error = [&](const std::string& bytes) -> std::string {
+    write_all(path, bytes);
+    try {
+      quant::load(path);
+    } catch (const error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  auto has = [](const std::string& msg, const std::string& what) {
+    INFO(msg);
+    CHECK(msg.find(what) != std::string::npos);
+  };
+  SUBCASE("truncated") {
+    for (std::size_t keep : {good.size() - 1, good.size() / 2, std::size_t(40), std::size_t(32)}) {
+      const auto msg = load_error(good.substr(0, keep));
+      has(msg, "'" + name + "'");
+      has(msg, "truncated: " + std::to_string(keep) + " bytes, the header says " + std::to_string(good.size()));
+    }
+    has(load_error(good.substr(0, 20)), "truncated while reading the file size");
+    has(load_error(good + "xx"), "2 bytes after the end the header gives");
+  }
+  SUBCASE("wrong magic") {
+    std::string bad = good;
+    bad[3] = 'X';
+    has(load_error(bad), "not a trident quantized-weights file (bad magic)");
+    has(load_error(""), "bad magic");
+    has(load_error(read_all(path).substr(0, 0) + "TRDNTW01"), "bad magic");  // the fp32 weights file's magic
+  }
+  SUBCASE("wrong version") {
+    std::string bad = good;
+    bad[8] = 2;
+    has(load_error(bad), "version 2 is not supported (this build reads version 1)");
+  }
+  SUBCASE("corrupt values") {
+    std::string bad = good;
+    bad[bad.size() - 70] ^= 0x10;
+    has(load_error(bad), "corrupt (hash mismatch)");
+  }
+  SUBCASE("bad dims and inconsistent counts") {
+    file_writer f;
+    f.entry(3, "fc", 4, 64, 48, 128, 4);
+    has(load_error(f.file(1)), "entry 0 'fc' (int4 group-wise) has bad dims: out 4, in 64, group 48 (in is not a multiple");
+    f = {};
+    f.entry(2, "fc", 0, 64, 32, 0, 0);
+    has(load_error(f.file(1)), "has bad dims: out 0, in 64, group 32");
+    f = {};
+    f.entry(3, "odd", 2, 9, 3, 9, 6);
+    has(load_error(f.file(1)), "int4 rows need an even in");
+    f = {};
+    f.entry(1, "pc", 4, 64, 32, 256, 8);
+    has(load_error(f.file(1)), "a per-channel weight has one group per row");
+    f = {};
+    f.entry(2, "fc", 4, 64, 32, 200, 8);
+    has(load_error(f.file(1)), "holds 200 value bytes, its dims (out 4, in 64, group 32) take 256");
+    f = {};
+    f.entry(3, "fc", 4, 64, 32, 128, 7);
+    has(load_error(f.file(1)), "holds 7 scales, its dims (out 4, in 64, group 32) take 8");
+    f = {};
+    f.entry(9, "fc", 4, 64, 32, 128, 8);
+    has(load_error(f.file(1)), "entry 0 has an unknown format 9");
+    f = {};
+    f.entry(2, "a", 2, 32, 32, 64, 2);
+    f.entry(2, "a", 2, 32, 32, 64, 2);
+    has(load_error(f.file(2)), "the name 'a' appears twice");
+    f = {};
+    f.entry(2, "a", 2, 32, 32, 64, 2);
+    f.entry(2, "b", 2, 32, 32, 64, 2);
+    has(load_error(f.file(3)), "truncated while reading entry 2's format");
+    has(load_error(f.file(1)), "121 bytes left over after 1 entries");  // 4 + 4 + 1 + 5 * 8 + 64 + 2 * 4
+    // A well-formed file from the independent writer loads, with its values.
+    f = {};
+    f.entry(3, "ok", 2, 32, 16, 32, 4);
+    write_all(path, f.file(1));
+    const auto ok = quant::load(path);
+    const auto& w4 = quant::get<quant::groupwise_weight<int4_t>>(ok, "ok");
+    CHECK(w4.value(1, 30) == 1);  // byte 0x01: low nibble 1, high nibble 0
+    CHECK(w4.value(1, 31) == 0);
+    CHECK(w4.dequantized()(1, 30) == 0.5f);
+  }
+  std::filesystem::remove(path);
+}
+
+TEST_CASE("quant::save: a 1024 x 1024 layer takes within 5% of its ideal size on disk") {
+  const index_t n = 1024;
+  const auto w = random_weights(n * n, 51);
+  struct layout {
+    quant::stored_weight weight;
+    double ideal;  // values at 8 or 4 bits + one fp32 scale per group
+  };
+  std::vector<layout> cases;
+  cases.push_back({quant::packed_int8_weight::quantize(w.data(), n, n, n), n * n + 4.0 * n});
+  cases.push_back({quant::groupwise_weight<std::int8_t>::quantize(w.data(), n, n, n, 32), n * n + 4.0 * n * n / 32});
+  cases.push_back({quant::groupwise_weight<std::int8_t>::quantize(w.data(), n, n, n, 128), n * n + 4.0 * n * n / 128});
+  cases.push_back({quant::groupwise_weight<int4_t>::quantize(w.data(), n, n, n, 32), n * n / 2 + 4.0 * n * n / 32});
+  cases.push_back({quant::groupwise_weight<int4_t>::quantize(w.data(), n, n, n, 128), n * n / 2 + 4.0 * n * n / 128});
+  const auto path = temp_file("size");
+  for (auto& c : cases) {
+    CAPTURE(c.weight.index());
+    CHECK(static_cast<double>(quant::ideal_bytes(c.weight)) == c.ideal);
+    quant::save(path, {{"layer", std::move(c.weight)}});
+    const auto size = static_cast<double>(std::filesystem::file_size(path));
+    CHECK(size >= c.ideal);
+    CHECK(size <= 1.05 * c.ideal);
+    CHECK(size - c.ideal < 128);  // in fact only the header and the entry's fields
+  }
+  std::filesystem::remove(path);
 }
