@@ -1,0 +1,400 @@
+// compress_demo: trident's compression methods side by side on one model, in one table.
+//
+// The model is fashion_mnist_mlp's 784-512-256-10 (fp32, AdamW, warm-up + cosine). It is
+// trained (or, with --load FILE and FILE present, loaded; a trained model is saved there),
+// then compressed each way, and every variant is measured the same way: accuracy on the 10000
+// test images, model bytes (as the format stores the weights and biases), and inference
+// latency (the median of timed forward passes over one batch of 256 test images, 2 threads).
+//
+//   rows                      how
+//   fp32 baseline             the trained model
+//   PTQ int8                  post-training static quantization, calibrated on training batches
+//   QAT int8                  quantization-aware fine-tuning from the baseline, then converted
+//   weight-only int4          int4 weights in groups, fp32 activations
+//   50% / 90% unstructured    global magnitude pruning, fine-tuned with the mask held
+//   structured (shrunk)       hidden units ranked by L2 norm, half kept, a smaller dense model, fine-tuned
+//   2:4                       N:M semi-structured sparsity, fine-tuned with the mask held
+//   student (distilled)       784-64-10 trained on Hinton's loss against the baseline
+//   student (alone)           the same student, same seed and steps, on the labels only
+//
+//   build/examples/compress_demo                 # full run: 5 epochs on all 60000 images
+//   build/examples/compress_demo --quick         # a few thousand images, one epoch (CTest)
+//   build/examples/compress_demo --load mlp.bin  # train once, reuse the baseline after
+//
+// Ends with `RESULT example=compress_demo` and the accuracy of each row.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <trident/io.hpp>
+#include <trident/trident.hpp>
+
+#include "cli.hpp"
+
+namespace {
+
+using namespace trident;
+using P = policy<fp32, cpu>;
+
+/// The demo's defaults, overridable on the command line.
+struct settings {
+  int epochs = 5;            ///< baseline and students
+  int finetune_epochs = 1;   ///< QAT and each pruned model
+  index_t batch = 128;
+  double lr = 1e-3;
+  double finetune_lr = 2e-4;
+  double weight_decay = 0.05;
+  double temperature = 4.0;
+  double alpha = 0.9;
+  index_t student_hidden = 64;
+  std::uint64_t seed = 42;
+  int threads = 0;            ///< training threads; 0: OpenMP's default (latency always uses 2)
+  index_t train_limit = 0;    ///< 0: all 60000
+  int latency_passes = 30;
+  bool quick = false;
+  bool progress = true;
+  std::string data_dir{};
+  std::string load{};
+};
+
+void usage(const char* prog, const settings& d, std::FILE* to) {
+  std::fprintf(to,
+               "usage: %s [options]\n"
+               "  --quick            train on 4000 images for one epoch (smoke test)\n"
+               "  --epochs N         epochs of the baseline and of the students (default %d)\n"
+               "  --finetune N       epochs of QAT and of each pruned model's fine-tuning (default %d)\n"
+               "  --batch N          batch size (default %lld)\n"
+               "  --lr X             peak AdamW learning rate of training (default %g)\n"
+               "  --finetune-lr X    peak AdamW learning rate of fine-tuning (default %g)\n"
+               "  --temperature X    distillation temperature (default %g)\n"
+               "  --alpha X          weight of the distillation term (default %g)\n"
+               "  --student N        the student's hidden width (default %lld)\n"
+               "  --seed N           initialisation and shuffling seed (default %llu)\n"
+               "  --threads N        OpenMP threads for training (default: OMP_NUM_THREADS or all cores)\n"
+               "  --passes N         timed passes per latency (default %d)\n"
+               "  --data DIR         Fashion-MNIST directory (default $TRIDENT_FASHION_MNIST_DIR or\n"
+               "                     /usr/share/datasets/fashion-mnist)\n"
+               "  --train-limit N    train on the first N images only\n"
+               "  --load FILE        load the baseline from FILE if it exists, else train it and save it there\n"
+               "  --no-progress      no progress bars\n",
+               prog, d.epochs, d.finetune_epochs, static_cast<long long>(d.batch), d.lr, d.finetune_lr, d.temperature,
+               d.alpha, static_cast<long long>(d.student_hidden), static_cast<unsigned long long>(d.seed), d.latency_passes);
+}
+
+settings parse(int argc, char** argv) {
+  settings s;
+  const settings defaults = s;
+  const example::cli args(argc, argv, [&](std::FILE* to) { usage(argv[0], defaults, to); });
+  bool epochs_set = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--quick") s.quick = true;
+    else if (a == "--epochs") s.epochs = static_cast<int>(args.integer(i, 1)), epochs_set = true;
+    else if (a == "--finetune") s.finetune_epochs = static_cast<int>(args.integer(i, 1));
+    else if (a == "--batch") s.batch = args.integer(i, 1);
+    else if (a == "--lr") s.lr = args.real(i, 0.0);
+    else if (a == "--finetune-lr") s.finetune_lr = args.real(i, 0.0);
+    else if (a == "--temperature") s.temperature = args.real(i, 1e-6);
+    else if (a == "--alpha") s.alpha = args.real(i, 0.0);
+    else if (a == "--student") s.student_hidden = args.integer(i, 1);
+    else if (a == "--seed") s.seed = static_cast<std::uint64_t>(args.integer(i, 0));
+    else if (a == "--threads") s.threads = static_cast<int>(args.integer(i, 1));
+    else if (a == "--passes") s.latency_passes = static_cast<int>(args.integer(i, 1));
+    else if (a == "--data") s.data_dir = args.value(i);
+    else if (a == "--train-limit") s.train_limit = args.integer(i, 1);
+    else if (a == "--load") s.load = args.value(i);
+    else if (a == "--no-progress") s.progress = false;
+    else if (a == "--help" || a == "-h") {
+      usage(argv[0], defaults, stdout);
+      std::exit(0);
+    } else {
+      args.fail("unknown option '" + std::string(a) + "'");
+    }
+  }
+  if (s.alpha > 1.0) args.fail("option --alpha takes a number in [0, 1], got " + std::to_string(s.alpha));
+  if (s.quick) {
+    if (s.train_limit == 0) s.train_limit = 4000;
+    if (!epochs_set) s.epochs = 1;
+    s.latency_passes = std::min(s.latency_passes, 10);
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+/// fashion_mnist_mlp's model with hidden widths h1, h2 (512, 256; smaller when shrunk).
+struct mlp {
+  using net_type = nn::sequential<P, nn::flatten<P>, nn::linear<P>, nn::dropout<P>, nn::linear<P>, nn::dropout<P>, nn::linear<P>>;
+  nn::parameter_store<P> store;
+  net_type net;
+  index_t h1, h2;
+  mlp(index_t hidden1 = 512, index_t hidden2 = 256)
+      : net{nn::flatten<P>{},
+            nn::linear<P>(store, "fc1", 784, hidden1, true, activation::relu),
+            nn::dropout<P>(0.2),
+            nn::linear<P>(store, "fc2", hidden1, hidden2, true, activation::relu),
+            nn::dropout<P>(0.2),
+            nn::linear<P>(store, "fc3", hidden2, 10)},
+        h1(hidden1), h2(hidden2) {
+    net.get<1>().set_input_grad(false);  // the input is data
+    store.allocate();
+  }
+  void init(std::uint64_t seed) {
+    generator g(seed);
+    net.init(g);
+    store.master_from_params();
+  }
+};
+
+/// The student: 784-h-10.
+struct student_mlp {
+  nn::parameter_store<P> store;
+  nn::sequential<P, nn::flatten<P>, nn::linear<P>, nn::linear<P>> net;
+  explicit student_mlp(index_t hidden)
+      : net{nn::flatten<P>{}, nn::linear<P>(store, "fc1", 784, hidden, true, activation::relu),
+            nn::linear<P>(store, "fc2", hidden, 10)} {
+    net.get<1>().set_input_grad(false);
+    store.allocate();
+  }
+  void init(std::uint64_t seed) {
+    generator g(seed);
+    net.init(g);
+    store.master_from_params();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Data, training, measurement
+
+struct data_set {
+  io::fashion_mnist_splits splits;
+  tensor_view<const float> train_images, test_images;
+  std::span<const std::int32_t> train_labels, test_labels;
+};
+
+data_set load_data(const settings& s) {
+  data_set d{io::load_fashion_mnist(true, s.data_dir), {}, {}, {}, {}};
+  d.train_images = d.splits.train.images().view();
+  d.train_labels = d.splits.train.labels();
+  d.test_images = d.splits.test.images().view();
+  d.test_labels = d.splits.test.labels();
+  if (s.train_limit > 0 && s.train_limit < d.splits.train.size()) {
+    d.train_images = d.train_images.slice(0, 0, s.train_limit);
+    d.train_labels = d.train_labels.first(static_cast<std::size_t>(s.train_limit));
+  }
+  return d;
+}
+
+/// AdamW's warm-up + cosine schedule over `epochs` epochs of `loader`.
+template <class Optimizer, class Loader>
+sched::warmup_cosine_lr schedule_for(Optimizer& opt, const Loader& loader, int epochs) {
+  const std::int64_t total = std::max<std::int64_t>(2, static_cast<std::int64_t>(epochs) * loader.batches_per_epoch());
+  return sched::warmup_cosine_lr(opt, {.total_num_steps = total,
+                                       .warmup_num_steps = std::max<std::int64_t>(2, total / 50),
+                                       .cos_min_ratio = 0.0,
+                                       .warmup_type = sched::warmup_kind::linear});
+}
+
+/// Trains `net` (its store `store`) with `opt` for `epochs` epochs under warm-up + cosine.
+template <class Net, class Optimizer>
+train::run_summary fit(Net& net, nn::parameter_store<P>& store, Optimizer& opt, int epochs, io::batch_loader<float>& loader,
+                       const settings& s) {
+  auto schedule = schedule_for(opt, loader, epochs);
+  train::trainer<P, Net, Optimizer, sched::warmup_cosine_lr> t(
+      net, store, opt, {.epochs = epochs, .seed = s.seed, .progress = s.progress, .out = nullptr}, schedule);
+  return t.fit(loader);
+}
+
+/// Fraction of the test images whose arg-max logit is the label, the model in eval mode.
+template <class Model>
+double accuracy(Model& model, const data_set& d) {
+  nn::arena<cpu> mem;
+  std::vector<float> buf;
+  index_t correct = 0;
+  const index_t n = d.test_images.size(0);
+  for (index_t b = 0; b < n; b += 500) {
+    const index_t e = std::min(n, b + 500);
+    mem.reset();
+    nn::context<P> ctx{mem, false, nullptr};
+    const tensor_view<const float> logits = model.forward(ctx, d.test_images.slice(0, b, e));
+    correct += train::count_correct(logits, d.test_labels.subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(e - b)), buf);
+  }
+  return static_cast<double>(correct) / static_cast<double>(n);
+}
+
+/// Median milliseconds of one eval forward over the first 256 test images, on 2 threads.
+template <class Model>
+double latency_ms(Model& model, const data_set& d, int passes) {
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(2);
+  nn::arena<cpu> mem;
+  const auto x = d.test_images.slice(0, 0, 256);
+  std::vector<double> ms;
+  for (int p = -3; p < passes; ++p) {  // three warm-up passes: packing, arena growth, caches
+    mem.reset();
+    nn::context<P> ctx{mem, false, nullptr};
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto y = model.forward(ctx, x);
+    const double t = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (y.numel() != 2560) throw error("compress_demo: a model gave " + y.shape().str() + " for 256 images");
+    if (p >= 0) ms.push_back(t);
+  }
+  omp_set_num_threads(saved);
+  std::nth_element(ms.begin(), ms.begin() + static_cast<std::ptrdiff_t>(ms.size() / 2), ms.end());
+  return ms[ms.size() / 2];
+}
+
+/// One line of the table.
+struct row {
+  std::string name;
+  std::string key;        ///< its name in the RESULT line
+  double accuracy = 0;
+  double bytes = 0;       ///< as stored: weights and biases at their bit widths, plus scales
+  double latency = 0;     ///< ms per batch of 256
+  std::string note;
+  bool pending = false;   ///< the method's API is not in the library yet
+};
+
+template <class Model>
+row measure(std::string name, std::string key, Model& model, double bytes, const data_set& d, const settings& s,
+            std::string note = {}) {
+  row r{std::move(name), std::move(key), accuracy(model, d), bytes, latency_ms(model, d, s.latency_passes), std::move(note)};
+  std::printf("  %-30s accuracy %.4f, %.1f KiB, %.3f ms / 256 images\n", r.name.c_str(), r.accuracy, r.bytes / 1024.0,
+              r.latency);
+  std::fflush(stdout);
+  return r;
+}
+
+row pending(std::string name, std::string key, std::string why) {
+  std::printf("  %-30s not measured: %s\n", name.c_str(), why.c_str());
+  return row{std::move(name), std::move(key), 0, 0, 0, std::move(why), true};
+}
+
+/// Bytes of an fp32 store's weights and biases.
+double fp32_bytes(const nn::parameter_store<P>& store) { return static_cast<double>(store.count()) * sizeof(float); }
+
+// ---------------------------------------------------------------------------------------------
+// The rows
+
+/// Distillation: the same student, from the same initialisation, over the same batches with the
+/// same optimizer and schedule, trained on the labels alone and on Hinton's loss against `teacher`.
+template <class Teacher>
+std::vector<row> distillation_rows(Teacher& teacher, const data_set& d, const settings& s) {
+  std::vector<row> rows;
+  row alone_row;
+  const std::uint64_t student_seed = s.seed + 1;
+  {
+    student_mlp alone(s.student_hidden);
+    alone.init(student_seed);
+    io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed});
+    optim::adamw opt({.lr = s.lr, .weight_decay = s.weight_decay});
+    fit(alone.net, alone.store, opt, s.epochs, loader, s);
+    alone_row = measure("student alone (784-" + std::to_string(s.student_hidden) + "-10)", "student_alone", alone.net,
+                        fp32_bytes(alone.store), d, s, "same seed and steps, labels only");
+  }
+  {
+    student_mlp student(s.student_hidden);
+    student.init(student_seed);
+    io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed});
+    optim::adamw opt({.lr = s.lr, .weight_decay = s.weight_decay});
+    auto schedule = schedule_for(opt, loader, s.epochs);
+    distill::trainer<P, decltype(student.net), Teacher, optim::adamw, sched::warmup_cosine_lr> t(
+        student.net, student.store, teacher, opt,
+        {.epochs = s.epochs, .loss = {.temperature = s.temperature, .alpha = s.alpha}, .seed = s.seed,
+         .progress = s.progress, .out = nullptr},
+        schedule);
+    t.fit(loader);
+    char note[64];
+    std::snprintf(note, sizeof note, "Hinton T=%g alpha=%g", s.temperature, s.alpha);
+    rows.push_back(measure("student distilled (784-" + std::to_string(s.student_hidden) + "-10)", "student_distilled",
+                           student.net, fp32_bytes(student.store), d, s, note));
+  }
+  rows.push_back(std::move(alone_row));
+  return rows;
+}
+
+void print_table(const std::vector<row>& rows) {
+  const row& base = rows.front();
+  std::printf("\n%-30s %9s %11s %7s %12s %8s  %s\n", "model", "accuracy", "KiB", "size", "ms/256 img", "speed", "notes");
+  for (const row& r : rows) {
+    if (r.pending) {
+      std::printf("%-30s %9s %11s %7s %12s %8s  %s\n", r.name.c_str(), "-", "-", "-", "-", "-", r.note.c_str());
+      continue;
+    }
+    std::printf("%-30s %9.4f %11.1f %6.2fx %12.3f %7.2fx  %s\n", r.name.c_str(), r.accuracy, r.bytes / 1024.0,
+                base.bytes / r.bytes, r.latency, base.latency / r.latency, r.note.c_str());
+  }
+  std::printf("(size and speed relative to the fp32 baseline: higher is smaller / faster; latency is the median of "
+              "timed passes on 2 threads)\n\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const settings s = parse(argc, argv);
+    if (s.threads > 0) omp_set_num_threads(s.threads);
+    const data_set d = load_data(s);
+    std::printf("compress_demo: Fashion-MNIST, %lld training images, %lld test images; baseline 784-512-256-10 fp32, "
+                "%d epochs; %d threads for training, 2 for latency\n",
+                static_cast<long long>(d.train_images.size(0)), static_cast<long long>(d.test_images.size(0)), s.epochs,
+                omp_get_max_threads());
+
+    // The baseline: trained, or loaded.
+    mlp base;
+    const bool load = !s.load.empty() && std::filesystem::exists(s.load);
+    if (load) {
+      nn::load_weights(base.store, s.load);
+      std::printf("baseline: loaded from %s\n", s.load.c_str());
+    } else {
+      base.init(s.seed);
+      io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed});
+      optim::adamw opt({.lr = s.lr, .weight_decay = s.weight_decay});
+      const auto r = fit(base.net, base.store, opt, s.epochs, loader, s);
+      std::printf("baseline: trained %d epochs in %.1f s (train loss %.4f)\n", s.epochs, r.train_seconds, r.last_train.loss);
+      if (!s.load.empty()) {
+        nn::save_weights(base.store, s.load);
+        std::printf("baseline: saved to %s\n", s.load.c_str());
+      }
+    }
+    std::fflush(stdout);
+
+    std::vector<row> rows;
+    rows.push_back(measure("fp32 baseline", "fp32", base.net, fp32_bytes(base.store), d, s));
+
+    // Quantization (include/trident/quant.hpp).
+    rows.push_back(pending("PTQ int8", "ptq_int8", "pending: the quantization API (quant::convert) is not in the library yet"));
+    rows.push_back(pending("QAT int8", "qat_int8", "pending: the quantization API (quant::qat_linear) is not in the library yet"));
+    rows.push_back(pending("weight-only int4", "int4", "pending: the quantization API (quant::convert) is not in the library yet"));
+
+    // Pruning (include/trident/prune.hpp).
+    rows.push_back(pending("50% unstructured", "prune50", "pending: the pruning API (prune::magnitude_global) is not in the library yet"));
+    rows.push_back(pending("90% unstructured", "prune90", "pending: the pruning API (prune::magnitude_global) is not in the library yet"));
+    rows.push_back(pending("structured (shrunk)", "shrunk", "pending: the pruning API (prune::rank_rows) is not in the library yet"));
+    rows.push_back(pending("2:4 semi-structured", "sparse24", "pending: the pruning API (prune::n_m) is not in the library yet"));
+
+    // Distillation.
+    for (auto& r : distillation_rows(base.net, d, s)) rows.push_back(std::move(r));
+
+    print_table(rows);
+    std::printf("RESULT example=compress_demo");
+    for (const row& r : rows)
+      if (!r.pending) std::printf(" %s=%.4f", r.key.c_str(), r.accuracy);
+    std::printf("\n");
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "compress_demo: %s\n", e.what());
+    return 1;
+  }
+}
