@@ -131,13 +131,14 @@ inline void thread_end(thread_ctx& t) noexcept {
 #endif
 }
 
-/// C[i0:i1, j0:j1] through `sp` with kernel t.kk. A is row-major u8 with leading dimension
-/// lda; `a_padded`: A's rows may be read up to w.kp bytes (zeros beyond k).
-inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t lda, bool a_padded, index_t i0, index_t i1,
-                      const packed_view& w, index_t j0, index_t j1, const store_params& sp) noexcept {
+/// C[i0:i1, j0:j1] through `sp` with kernel t.kk. A (m rows) is row-major u8 with leading
+/// dimension lda; `a_padded`: A's rows may be read up to w.kp bytes (zeros beyond k). With
+/// the AMX kernel, a padded A is in tile order instead (packing.hpp: amx_strip_offset).
+inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t m, index_t lda, bool a_padded, index_t i0,
+                      index_t i1, const packed_view& w, index_t j0, index_t j1, const store_params& sp) noexcept {
   switch (t.kk) {
 #if defined(TRIDENT_HAS_QGEMM_AMX)
-    case kernel::amx_int8: gemm_amx(a, lda, a_padded, i0, i1, w, j0, j1, sp, t.abuf); break;
+    case kernel::amx_int8: gemm_amx(a, lda, a_padded, m, i0, i1, w, j0, j1, sp, t.abuf); break;
 #endif
 #if defined(TRIDENT_HAS_QGEMM_VNNI)
     case kernel::avx512_vnni: gemm_vnni(a, lda, a_padded, i0, i1, w, j0, j1, sp); break;
@@ -156,7 +157,7 @@ inline void run_blocks(thread_ctx& t, const block_grid& g, index_t b0, index_t b
     const index_t rb = b / g.col_blocks, cb = b % g.col_blocks;
     const index_t i0 = rb * row_block, i1 = std::min(m, i0 + row_block);
     const index_t j0 = cb * g.cols, j1 = std::min(w.n, j0 + g.cols);
-    run_block(t, a, lda, a_padded, i0, i1, w, j0, j1, sp);
+    run_block(t, a, m, lda, a_padded, i0, i1, w, j0, j1, sp);
   }
 }
 
@@ -179,11 +180,13 @@ inline void gemm_u8s8(const std::uint8_t* a, index_t m, index_t lda, const packe
   });
 }
 
-/// The rows [i0, i1) of x quantized dynamically into q (leading dimension ldq, zero padding up
-/// to kp), with per-row parameters (per_row) or the given per-tensor ones. Returns false when
-/// a row held a NaN or infinity (the caller reports it).
+/// The rows [i0, i1) of x quantized dynamically into q, with per-row parameters (per_row) or
+/// the given per-tensor ones: row-major (leading dimension ldq = kp, zero padding up to kp) or,
+/// when `tiled`, in the AMX kernel's tile order (row i at strip i / 32; `row_buf`: kp bytes of
+/// scratch). Returns false when a row held a NaN or infinity (the caller reports it).
 inline bool quantize_rows(const float* x, index_t ldx, index_t k, index_t kp, index_t i0, index_t i1, bool per_row,
-                          std::uint8_t* q, index_t ldq, float* scales, std::int32_t* zeros) noexcept {
+                          std::uint8_t* q, index_t ldq, float* scales, std::int32_t* zeros, bool tiled,
+                          std::uint8_t* row_buf) noexcept {
   bool ok = true;
   for (index_t i = i0; i < i1; ++i) {
     const float* xi = x + i * ldx;
@@ -199,8 +202,13 @@ inline bool quantize_rows(const float* x, index_t ldx, index_t k, index_t kp, in
       scales[i] = s;
       zeros[i] = z;
     }
-    quantize_row_u8(xi, k, s, z, q + i * ldq);
-    if (kp > k) std::fill(q + i * ldq + k, q + i * ldq + kp, std::uint8_t(0));
+    if (tiled) {
+      quantize_row_u8(xi, k, s, z, row_buf);
+      amx_strip_row(row_buf, k, kp, i % 32, q + (i / 32) * 32 * kp);
+    } else {
+      quantize_row_u8(xi, k, s, z, q + i * ldq);
+      if (kp > k) std::fill(q + i * ldq + k, q + i * ldq + kp, std::uint8_t(0));
+    }
   }
   return ok;
 }
@@ -217,7 +225,8 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
   const detail::block_grid g = detail::make_grid(m, w.n, nthreads);
   const index_t ldq = w.kp;
   // Scratch: the quantized rows, then the per-row scales and zero points.
-  const std::size_t qbytes = static_cast<std::size_t>(round_up(m * ldq, 64));
+  const bool tiled = kk == kernel::amx_int8;
+  const std::size_t qbytes = static_cast<std::size_t>(round_up(m, 32) * ldq);
   auto* scratch = static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(0).get(
       qbytes + static_cast<std::size_t>(m) * (sizeof(float) + sizeof(std::int32_t)) + 64));
   std::uint8_t* q = scratch;
@@ -271,7 +280,16 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
     }
     float* sc = per_row ? scales : &local_scale[static_cast<std::size_t>(tid)];
     std::int32_t* zc = per_row ? zeros : &local_zero[static_cast<std::size_t>(tid)];
-    if (!quantize_rows(x, ldx, w.k, w.kp, r0, r1, per_row, q, ldq, sc, zc)) ok.store(false, std::memory_order_relaxed);
+    std::uint8_t* row_buf =
+        tiled ? static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(2).get(static_cast<std::size_t>(w.kp)))
+              : nullptr;
+    if (!quantize_rows(x, ldx, w.k, w.kp, r0, r1, per_row, q, ldq, sc, zc, tiled, row_buf)) {
+      ok.store(false, std::memory_order_relaxed);
+    }
+    // The last strip's rows beyond m are zeros (tile order reads whole strips).
+    if (tiled && r1 == m && r1 > r0) {
+      for (index_t i = m; i < round_up(m, 32); ++i) amx_strip_row(nullptr, w.k, w.kp, i % 32, q + (i / 32) * 32 * w.kp);
+    }
     if (shared_rows) {
 #if defined(TRIDENT_HAS_OPENMP)
 #pragma omp barrier

@@ -6,12 +6,14 @@
 /// (tmm4, tmm5: rows 0-15 and 16-31) and two W tiles (tmm6, tmm7: two adjacent panels); each
 /// 64-deep step of k is four TDPBUSD.
 ///
-/// A tiles are loaded straight from A when its rows are padded to the packed depth (the
-/// dynamic linear's scratch) or k is a multiple of 64 and the strip is complete; otherwise
-/// the 32-row strip is first copied, zero-padded, into a per-thread buffer. Tile
+/// A is read in "tile order": per 32-row strip and 64-deep k step, its two A tiles, each 1 KiB
+/// contiguous (loaded with a 64-byte stride: no cache-set conflicts between the rows, and
+/// sequential for the prefetchers). The dynamic linear quantizes straight into that order;
+/// int8_gemm copies each strip of a row-major A first (32 x kp bytes, reused by all columns). Tile
 /// configuration and the Linux permission request (arch_prctl) are the fp32 GEMM's
 /// (gemm/kernel_amx.hpp: amx_usable, amx_configure: eight 16 x 64-byte tiles).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -47,12 +49,12 @@ inline void amx_int8_end() noexcept { _tile_release(); }
 
 namespace detail {
 
-/// 32 rows x (one or two panels) of C: acc tiles from k steps of 64 (kp bytes). a: the
-/// strip's first row (row stride lda bytes, at least kp readable per row); b0: the first
-/// panel; two: whether the second panel (b0 + pstride) is computed too. The int32 tile lands
-/// in t (32 x 32, row stride 32).
+/// 32 rows x (one or two panels) of C from k steps of 64 (kp bytes). a: the strip in tile
+/// order (amx_strip_offset: 2 KiB per k step, rows 0-15 then 16-31); b0: the first panel;
+/// Two: whether the second panel (b0 + pstride) is computed too. The int32 tile lands in t
+/// (32 x 32, row stride 32).
 template <bool Two>
-inline void amx_block(const std::uint8_t* a, index_t lda, const std::int8_t* b0, index_t pstride, index_t kp,
+inline void amx_block(const std::uint8_t* a, const std::int8_t* b0, index_t pstride, index_t kp,
                       std::int32_t* t) noexcept {
   _tile_zero(0);
   _tile_zero(2);
@@ -60,12 +62,16 @@ inline void amx_block(const std::uint8_t* a, index_t lda, const std::int8_t* b0,
     _tile_zero(1);
     _tile_zero(3);
   }
-  const std::uint8_t* a1 = a + 16 * lda;
   const std::int8_t* b1 = b0 + pstride;
   for (index_t kb = 0; kb < kp; kb += 64) {
-    _tile_loadd(4, a + kb, lda);
+    // W streams from L2: fetch the next step's tiles into L1 while this one runs.
+    for (int l = 0; l < 1024; l += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(b0 + kb * 16 + 1024 + l), _MM_HINT_T0);
+      if constexpr (Two) _mm_prefetch(reinterpret_cast<const char*>(b1 + kb * 16 + 1024 + l), _MM_HINT_T0);
+    }
+    _tile_loadd(4, a + kb * 32, 64);
     _tile_loadd(6, b0 + kb * 16, 64);
-    _tile_loadd(5, a1 + kb, lda);
+    _tile_loadd(5, a + kb * 32 + 1024, 64);
     _tile_dpbusd(0, 4, 6);
     _tile_dpbusd(2, 5, 6);
     if constexpr (Two) {
@@ -84,38 +90,29 @@ inline void amx_block(const std::uint8_t* a, index_t lda, const std::int8_t* b0,
 
 }  // namespace detail
 
-/// C[i0:i1, j0:j1] (through `sp`) with TDPBUSD, 32-row strip by strip; j0 a multiple of 16. `a_padded`: A's rows are readable (zeros from k) up to w.kp.
-/// abuf: 32 * w.kp bytes of scratch for strips that must be copied. The calling thread has
-/// run amx_int8_begin().
-inline void gemm_amx(const std::uint8_t* a, index_t lda, bool a_padded, index_t i0, index_t i1, const packed_view& w,
-                     index_t j0, index_t j1, const store_params& sp, std::uint8_t* abuf) noexcept {
+/// C[i0:i1, j0:j1] (through `sp`) with TDPBUSD, 32-row strip by strip; i0 a multiple of 32,
+/// j0 of 16. A is either row-major (leading dimension lda; each strip is first copied into
+/// abuf, 32 * w.kp bytes, in tile order) or, when `a_tiled`, already in tile order, strip s
+/// at a + s * 32 * w.kp (the dynamic linear's scratch). The calling thread has run
+/// amx_int8_begin().
+inline void gemm_amx(const std::uint8_t* a, index_t lda, bool a_tiled, index_t m, index_t i0, index_t i1,
+                     const packed_view& w, index_t j0, index_t j1, const store_params& sp, std::uint8_t* abuf) noexcept {
   const index_t kp = w.kp, pstride = qpanel_cols * kp;
   alignas(64) std::int32_t t[32 * 32];
   for (index_t is = i0; is < i1; is += 32) {
     const index_t mr = std::min<index_t>(32, i1 - is);
-    const std::uint8_t* as = a + is * lda;
-    index_t las = lda;
-    if (!(mr == 32 && (a_padded || w.k == kp))) {
-      // Copy the strip, zero-padded to 32 rows x kp.
-      for (index_t r = 0; r < 32; ++r) {
-        std::uint8_t* dst = abuf + r * kp;
-        if (r < mr) {
-          std::memcpy(dst, as + r * lda, static_cast<std::size_t>(w.k));
-          std::memset(dst + w.k, 0, static_cast<std::size_t>(kp - w.k));
-        } else {
-          std::memset(dst, 0, static_cast<std::size_t>(kp));
-        }
-      }
+    const std::uint8_t* as = a + (is / 32) * 32 * kp;
+    if (!a_tiled) {
+      for (index_t r = 0; r < 32; ++r) amx_strip_row(is + r < m ? a + (is + r) * lda : nullptr, w.k, kp, r, abuf);
       as = abuf;
-      las = kp;
     }
     for (index_t jp = j0; jp < j1; jp += 2 * qpanel_cols) {
       const index_t ncols = std::min<index_t>(2 * qpanel_cols, j1 - jp);
       const std::int8_t* b = w.panel(jp / qpanel_cols);
       if (ncols > qpanel_cols) {
-        detail::amx_block<true>(as, las, b, pstride, kp, t);
+        detail::amx_block<true>(as, b, pstride, kp, t);
       } else {
-        detail::amx_block<false>(as, las, b, pstride, kp, t);
+        detail::amx_block<false>(as, b, pstride, kp, t);
       }
       const panel_store s0(sp, jp, ncols);
       for (index_t r = 0; r < mr; ++r) s0.row(is + r, _mm512_load_si512(t + 32 * r));

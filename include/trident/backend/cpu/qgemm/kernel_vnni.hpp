@@ -21,6 +21,17 @@ namespace trident::cpu_kernels::qgemm {
 
 namespace detail {
 
+/// acc += Σ of the four u8 x s8 products of each 32-bit lane of a and b (VPDPBUSD). Written
+/// in asm because GCC 12 does not tie the intrinsic's accumulator to its destination: it
+/// copies every accumulator each step and spills the register tile to the stack.
+TRIDENT_ALWAYS_INLINE void dpbusd(__m512i& acc, __m512i a, __m512i b) noexcept {
+#if defined(__GNUC__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+#else
+  acc = _mm512_dpbusd_epi32(acc, a, b);
+#endif
+}
+
 /// The 32-bit word of A row `ai` at k = 4q (bytes beyond k are zero when `tail` < 4 bytes remain).
 TRIDENT_ALWAYS_INLINE int a_word(const std::uint8_t* ai, index_t q) noexcept {
   int v;
@@ -53,15 +64,18 @@ inline void vnni_tile(const std::uint8_t* a, index_t lda, const std::int8_t* b, 
     for (int r = 0; r < MR; ++r) {
       const __m512i av = _mm512_set1_epi32(a_word(a + r * lda, q));
       TRIDENT_UNROLL(4)
-      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], av, bv[p]);
+      for (int p = 0; p < NP; ++p) dpbusd(acc[r][p], av, bv[p]);
     }
   }
   if (tail > 0) {
     __m512i bv[NP];
+    TRIDENT_UNROLL(4)
     for (int p = 0; p < NP; ++p) bv[p] = _mm512_load_si512(reinterpret_cast<const void*>(b + p * pstride + quads * 64));
+    TRIDENT_UNROLL(6)
     for (int r = 0; r < MR; ++r) {
       const __m512i av = _mm512_set1_epi32(a_word_tail(a + r * lda, quads, tail));
-      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], av, bv[p]);
+      TRIDENT_UNROLL(4)
+      for (int p = 0; p < NP; ++p) dpbusd(acc[r][p], av, bv[p]);
     }
   }
   TRIDENT_UNROLL(4)
