@@ -38,4 +38,5 @@
 #include "optim/optim.hpp"
 #include "sched/sched.hpp"
 #include "train.hpp"
+#include "prune.hpp"
 #include "distill.hpp"
