@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <random>
@@ -16,6 +17,12 @@
 #include <trident/quant/packed_int8.hpp>
 
 namespace {
+
+// The thread counts the GEMMs choose must not depend on how busy the machine was a moment ago
+// (the adaptive policy of backend/cpu/gemm/common.hpp): the multi-threaded paths of the
+// drivers (row strips claimed by threads, columns split when rows are few) are part of what
+// is tested. Set before any test runs.
+const bool fixed_threading = [] { return ::setenv("TRIDENT_GEMM_ADAPTIVE", "0", 1) == 0; }();
 
 using trident::activation;
 using trident::index_t;
@@ -279,6 +286,42 @@ void check_quantized_row(const float* x, index_t n, float scale, int zero, const
 }
 
 }  // namespace
+
+TEST_CASE("quantize_row_u8: the vector path equals quant::quantize_value bit for bit, near ties included") {
+  namespace qk = trident::cpu_kernels::qgemm;
+  CHECK(fixed_threading);
+  std::mt19937 gen(17);
+  std::uniform_real_distribution<float> us(1e-3f, 1.0f);
+  std::uniform_int_distribution<int> uz(0, 255), uh(-300, 300), ud(-6, 6);
+  std::uniform_real_distribution<float> ux(-300.0f, 300.0f);
+  index_t ties = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const float scale = trial == 0 ? 1.0f : trial == 1 ? 1e-40f : us(gen);  // 1e-40: subnormal, no reciprocal
+    const int zero = uz(gen);
+    std::vector<float> x(203);
+    for (std::size_t p = 0; p < x.size(); ++p) {
+      if (p % 3 == 0) {
+        // A half-integer times the scale, moved by a few ulps: x / scale lands on or near a tie.
+        float v = (static_cast<float>(uh(gen)) + 0.5f) * scale;
+        for (int s = ud(gen); s != 0; s += s > 0 ? -1 : 1) v = std::nextafter(v, s > 0 ? 1e30f : -1e30f);
+        x[p] = v;
+        ++ties;
+      } else {
+        x[p] = ux(gen) * scale;
+      }
+    }
+    std::vector<std::uint8_t> got(x.size());
+    qk::quantize_row_u8(x.data(), static_cast<index_t>(x.size()), scale, zero, got.data());
+    for (std::size_t p = 0; p < x.size(); ++p) {
+      const int want = q::quantize_value<std::uint8_t>(x[p], scale, zero);
+      if (got[p] != want) {
+        FAIL_CHECK("x = " << x[p] << ", scale = " << scale << ", zero = " << zero << ": " << int(got[p]) << ", want " << want);
+        break;
+      }
+    }
+  }
+  CHECK(ties > 1000);
+}
 
 TEST_CASE("quantize_dynamic_u8: ONNX DynamicQuantizeLinear per row and per tensor") {
   const index_t m = 6, k = 37, ldx = 40, ldq = 41;

@@ -150,32 +150,37 @@ inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t m, index_t l
   }
 }
 
-/// Runs the blocks [b0, b1) of grid g in order.
-inline void run_blocks(thread_ctx& t, const block_grid& g, index_t b0, index_t b1, const std::uint8_t* a, index_t m,
-                       index_t lda, bool a_padded, const packed_view& w, const store_params& sp) noexcept {
-  for (index_t b = b0; b < b1; ++b) {
-    const index_t rb = b / g.col_blocks, cb = b % g.col_blocks;
-    const index_t i0 = rb * row_block, i1 = std::min(m, i0 + row_block);
-    const index_t j0 = cb * g.cols, j1 = std::min(w.n, j0 + g.cols);
-    run_block(t, a, m, lda, a_padded, i0, i1, w, j0, j1, sp);
-  }
+/// Runs block b of grid g.
+inline void run_grid_block(thread_ctx& t, const block_grid& g, index_t b, const std::uint8_t* a, index_t m, index_t lda,
+                           bool a_padded, const packed_view& w, const store_params& sp) noexcept {
+  const index_t rb = b / g.col_blocks, cb = b % g.col_blocks;
+  const index_t i0 = rb * row_block, i1 = std::min(m, i0 + row_block);
+  const index_t j0 = cb * g.cols, j1 = std::min(w.n, j0 + g.cols);
+  run_block(t, a, m, lda, a_padded, i0, i1, w, j0, j1, sp);
 }
 
 }  // namespace detail
 
 /// C = A · Wᵀ through the epilogue `sp`, A m x w.k (row-major u8, leading dimension lda).
+/// Threads claim blocks from a shared counter: on a shared machine a thread whose core is
+/// busy elsewhere just takes fewer of them.
 inline void gemm_u8s8(const std::uint8_t* a, index_t m, index_t lda, const packed_view& w, const store_params& sp) {
   const kernel kk = detail::choose_kernel(m, w.n, w.k);
   const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
   const int nthreads = cpu_kernels::detail::gemm_threads(ops, detail::single_thread_rate(kk));
   const detail::block_grid g = detail::make_grid(m, w.n, nthreads);
+  std::atomic<index_t> next{0};
   cpu_kernels::detail::run_parallel(nthreads, [&](int tid, int nt, std::int64_t* waited) {
+    (void)tid;
+    (void)nt;
     (void)waited;
     detail::thread_ctx t;
     t.kk = kk;
     detail::thread_begin(t, w);
-    const index_t items = g.items();
-    detail::run_blocks(t, g, items * tid / nt, items * (tid + 1) / nt, a, m, lda, false, w, sp);
+    for (index_t b = next.fetch_add(1, std::memory_order_relaxed); b < g.items();
+         b = next.fetch_add(1, std::memory_order_relaxed)) {
+      detail::run_grid_block(t, g, b, a, m, lda, false, w, sp);
+    }
     detail::thread_end(t);
   });
 }
@@ -183,9 +188,10 @@ inline void gemm_u8s8(const std::uint8_t* a, index_t m, index_t lda, const packe
 /// The rows [i0, i1) of x quantized dynamically into q, with per-row parameters (per_row) or
 /// the given per-tensor ones: row-major (leading dimension ldq = kp, zero padding up to kp) or,
 /// when `tiled`, in the AMX kernel's tile order (row i at strip i / 32; `row_buf`: kp bytes of
-/// scratch). Returns false when a row held a NaN or infinity (the caller reports it).
-inline bool quantize_rows(const float* x, index_t ldx, index_t k, index_t kp, index_t i0, index_t i1, bool per_row,
-                          std::uint8_t* q, index_t ldq, float* scales, std::int32_t* zeros, bool tiled,
+/// scratch; rows from m up to the end of the last strip are zeroed). Returns false when a row
+/// held a NaN or infinity (the caller reports it).
+inline bool quantize_rows(const float* x, index_t ldx, index_t m, index_t k, index_t kp, index_t i0, index_t i1,
+                          bool per_row, std::uint8_t* q, index_t ldq, float* scales, std::int32_t* zeros, bool tiled,
                           std::uint8_t* row_buf) noexcept {
   bool ok = true;
   for (index_t i = i0; i < i1; ++i) {
@@ -210,12 +216,18 @@ inline bool quantize_rows(const float* x, index_t ldx, index_t k, index_t kp, in
       if (kp > k) std::fill(q + i * ldq + k, q + i * ldq + kp, std::uint8_t(0));
     }
   }
+  if (tiled && i1 == m && i1 > i0) {
+    for (index_t i = m; i < round_up(m, 32); ++i) amx_strip_row(nullptr, k, kp, i % 32, q + (i / 32) * 32 * kp);
+  }
   return ok;
 }
 
-/// y = act(dequantized (quantize_dynamic(x) · Wᵀ) + bias), fused: each thread quantizes the
-/// rows of its blocks into a shared scratch and multiplies them while they are in its cache.
-/// Returns false when x held a NaN or infinity (y is then unspecified).
+/// y = act(dequantized (quantize_dynamic(x) · Wᵀ) + bias), fused. When there are enough
+/// 32-row strips, a thread claims a strip, quantizes its rows into a shared scratch (in the
+/// AMX kernel's tile order when that kernel runs) and multiplies them by all of W while they
+/// are in its cache. With few rows, the columns are split too: the rows are quantized first,
+/// evenly, then the blocks are claimed. Per tensor, the threads first find the range
+/// together. Returns false when x held a NaN or infinity (y is then unspecified).
 inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_view& w, const float* w_scale,
                            const std::int32_t* row_sum, float* y, index_t ldy, const float* bias, activation act,
                            bool per_row) {
@@ -223,9 +235,9 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
   const double ops = 2.0 * static_cast<double>(m) * static_cast<double>(w.n) * static_cast<double>(w.k);
   const int nthreads = cpu_kernels::detail::gemm_threads(ops, detail::single_thread_rate(kk));
   const detail::block_grid g = detail::make_grid(m, w.n, nthreads);
-  const index_t ldq = w.kp;
-  // Scratch: the quantized rows, then the per-row scales and zero points.
   const bool tiled = kk == kernel::amx_int8;
+  const index_t ldq = w.kp;
+  // Scratch: the quantized rows (whole strips), then the per-row scales and zero points.
   const std::size_t qbytes = static_cast<std::size_t>(round_up(m, 32) * ldq);
   auto* scratch = static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(0).get(
       qbytes + static_cast<std::size_t>(m) * (sizeof(float) + sizeof(std::int32_t)) + 64));
@@ -245,15 +257,15 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
   sp.act = act;
 
   std::atomic<bool> ok{true};
+  std::atomic<index_t> next{0};
+  const bool shared_rows = g.col_blocks > 1;
   std::vector<value_range> ranges(static_cast<std::size_t>(nthreads));
-  std::vector<float> local_scale(static_cast<std::size_t>(nthreads));
-  std::vector<std::int32_t> local_zero(static_cast<std::size_t>(nthreads));
   cpu_kernels::detail::run_parallel(nthreads, [&](int tid, int nt, std::int64_t* waited) {
     (void)waited;
-    const index_t items = g.items();
-    const index_t b0 = items * tid / nt, b1 = items * (tid + 1) / nt;
+    // Per tensor, every thread computes the same parameters into its own copy, read by its epilogue.
+    float scale_t = 1.0f;
+    std::int32_t zero_t = 0;
     if (!per_row) {
-      // One scale for the whole tensor: everyone's range first.
       value_range r;
       for (index_t i = m * tid / nt; i < m * (tid + 1) / nt; ++i) r.merge(range_of(x + i * ldx, w.k));
       ranges[static_cast<std::size_t>(tid)] = r;
@@ -266,43 +278,43 @@ inline bool dynamic_linear(const float* x, index_t m, index_t ldx, const packed_
         ok.store(false, std::memory_order_relaxed);
         return;  // every thread sees the same range and leaves here
       }
-      // Every thread computes the same parameters into its own slot, read by its epilogue.
-      dynamic_params(all.lo, all.hi, local_scale[static_cast<std::size_t>(tid)], local_zero[static_cast<std::size_t>(tid)]);
+      dynamic_params(all.lo, all.hi, scale_t, zero_t);
     }
-    // Rows this thread quantizes: those of its blocks. When columns are split, several threads
-    // share a row block; then the rows are split evenly instead and everyone waits for all.
-    const bool shared_rows = g.col_blocks > 1;
-    index_t r0 = std::min(m, (b0 / g.col_blocks) * detail::row_block);
-    index_t r1 = std::min(m, ceil_div(b1, g.col_blocks) * detail::row_block);
-    if (shared_rows) {
-      r0 = m * tid / nt;
-      r1 = m * (tid + 1) / nt;
-    }
-    float* sc = per_row ? scales : &local_scale[static_cast<std::size_t>(tid)];
-    std::int32_t* zc = per_row ? zeros : &local_zero[static_cast<std::size_t>(tid)];
-    std::uint8_t* row_buf =
-        tiled ? static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(2).get(static_cast<std::size_t>(w.kp)))
-              : nullptr;
-    if (!quantize_rows(x, ldx, w.k, w.kp, r0, r1, per_row, q, ldq, sc, zc, tiled, row_buf)) {
-      ok.store(false, std::memory_order_relaxed);
-    }
-    // The last strip's rows beyond m are zeros (tile order reads whole strips).
-    if (tiled && r1 == m && r1 > r0) {
-      for (index_t i = m; i < round_up(m, 32); ++i) amx_strip_row(nullptr, w.k, w.kp, i % 32, q + (i / 32) * 32 * w.kp);
-    }
-    if (shared_rows) {
-#if defined(TRIDENT_HAS_OPENMP)
-#pragma omp barrier
-#endif
-    }
-    if (!ok.load(std::memory_order_relaxed)) return;
-    detail::thread_ctx t;
-    t.kk = kk;
-    detail::thread_begin(t, w);
+    float* sc = per_row ? scales : &scale_t;
+    std::int32_t* zc = per_row ? zeros : &zero_t;
     store_params tsp = sp;
     tsp.a_scale = sc;
     tsp.a_zero = zc;
-    detail::run_blocks(t, g, b0, b1, q, m, ldq, true, w, tsp);
+    std::uint8_t* row_buf =
+        tiled ? static_cast<std::uint8_t*>(cpu_kernels::detail::thread_workspace(2).get(static_cast<std::size_t>(w.kp)))
+              : nullptr;
+    auto quantize = [&](index_t r0, index_t r1) {
+      if (!quantize_rows(x, ldx, m, w.k, w.kp, r0, r1, per_row, q, ldq, sc, zc, tiled, row_buf)) {
+        ok.store(false, std::memory_order_relaxed);
+      }
+    };
+    detail::thread_ctx t;
+    t.kk = kk;
+    if (shared_rows) {
+      quantize(m * tid / nt, m * (tid + 1) / nt);
+#if defined(TRIDENT_HAS_OPENMP)
+#pragma omp barrier
+#endif
+      if (!ok.load(std::memory_order_relaxed)) return;
+      detail::thread_begin(t, w);
+      for (index_t b = next.fetch_add(1, std::memory_order_relaxed); b < g.items();
+           b = next.fetch_add(1, std::memory_order_relaxed)) {
+        detail::run_grid_block(t, g, b, q, m, ldq, true, w, tsp);
+      }
+    } else {
+      detail::thread_begin(t, w);
+      for (index_t s = next.fetch_add(1, std::memory_order_relaxed); s < g.row_blocks;
+           s = next.fetch_add(1, std::memory_order_relaxed)) {
+        const index_t i0 = s * detail::row_block, i1 = std::min(m, i0 + detail::row_block);
+        quantize(i0, i1);
+        detail::run_block(t, q, m, ldq, true, i0, i1, w, 0, w.n, tsp);
+      }
+    }
     detail::thread_end(t);
   });
   return ok.load();
