@@ -791,7 +791,7 @@ TEST_CASE("PTQ: an MLP trained here, converted under every scheme, keeps its acc
 
   auto check = [&](auto qnet, const char* what, double margin) {
     const auto p = predict(qnet);
-    MESSAGE(what << ": accuracy " << accuracy(p) << " against fp32 " << acc << ", agreement " << agreement(p, ref));
+    MESSAGE(std::string(what) << ": accuracy " << accuracy(p) << " against fp32 " << acc << ", agreement " << agreement(p, ref));
     CHECK(accuracy(p) >= acc - margin);
     CHECK(agreement(p, ref) > 1.0 - 2 * margin);
     return p;
@@ -899,4 +899,108 @@ TEST_CASE("QAT: fine-tune the trained MLP with fake quantization, observers froz
   double worst = 0;
   for (index_t i = 0; i < zq.numel(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(zq.data()[i] - zi.data()[i])));
   CHECK(worst < 1e-3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The quantized GPT
+
+namespace {
+
+/// Token sequences that follow t' = (5 t + 3) mod V four times out of five (else a random
+/// token): a rule a small GPT learns in a hundred steps.
+void gpt_batch(generator& g, index_t batch, index_t t, index_t vocab, std::vector<std::int32_t>& x, std::vector<std::int32_t>& y) {
+  tensor<float> rt({batch * (t + 1) * 2 + batch});
+  uniform(rt, g, 0.0, 1.0);
+  const float* r = rt.data();
+  std::size_t k = 0;
+  x.assign(static_cast<std::size_t>(batch * t), 0);
+  y.assign(static_cast<std::size_t>(batch * t), 0);
+  for (index_t b = 0; b < batch; ++b) {
+    auto tok = static_cast<std::int32_t>(r[k++] * static_cast<double>(vocab)) % static_cast<std::int32_t>(vocab);
+    for (index_t i = 0; i <= t; ++i) {
+      if (i < t) x[static_cast<std::size_t>(b * t + i)] = tok;
+      if (i > 0) y[static_cast<std::size_t>(b * t + i - 1)] = tok;
+      const double u = r[k++];
+      const double v = r[k++];
+      tok = u < 0.8 ? static_cast<std::int32_t>((5 * tok + 3) % vocab) : static_cast<std::int32_t>(v * static_cast<double>(vocab)) % static_cast<std::int32_t>(vocab);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("quantized_gpt: a GPT trained here, its projections in int8 (dynamic per row) and int4: logits and loss stay close") {
+  const nn::gpt_config cfg{.vocab_size = 32, .block_size = 32, .n_layer = 2, .n_head = 4, .n_embd = 64};
+  nn::parameter_store<fp32p> store;
+  nn::gpt<fp32p> model(store, cfg);
+  store.allocate();
+  generator g(31);
+  model.init(g);
+  optim::adamw opt({.lr = 3e-3, .beta2 = 0.99, .weight_decay = 0.0});
+  nn::arena<cpu> mem;
+  const index_t batch = 8, t = 32;
+  std::vector<std::int32_t> x, y;
+  double first = 0, last = 0;
+  for (int step = 0; step < 120; ++step) {
+    gpt_batch(g, batch, t, cfg.vocab_size, x, y);
+    mem.reset();
+    store.zero_grad();
+    nn::context<fp32p> ctx{mem};
+    last = model.forward(ctx, x, batch, y);
+    if (step == 0) first = last;
+    model.backward(ctx);
+    opt.step(store);
+  }
+  MESSAGE("GPT training loss " << first << " -> " << last);
+  REQUIRE(last < 0.6 * first);  // it learnt the rule: its weights are not the initial noise
+
+  // a held-out batch through the fp32 model
+  gpt_batch(g, batch, t, cfg.vocab_size, x, y);
+  mem.reset();
+  nn::context<fp32p> ctx{mem, false, nullptr};
+  const double loss32 = model.forward(ctx, x, batch, y);
+  auto z32v = model.logits(ctx, x, batch);
+  const std::vector<float> z32(z32v.data(), z32v.data() + z32v.numel());
+
+  auto compare = [&](auto q, const char* what, double max_rel, double max_dloss) {
+    nn::arena<cpu> qm;
+    nn::context<fp32p> qctx{qm, false, nullptr};
+    const double lq = q.forward(qctx, x, batch, y);
+    qm.reset();
+    auto zq = q.logits(qctx, x, batch);
+    REQUIRE(zq.numel() == static_cast<index_t>(z32.size()));
+    double err = 0, norm = 0;
+    int agree = 0;
+    for (index_t i = 0; i < batch * t; ++i) {
+      const float* a = z32.data() + i * cfg.vocab_size;
+      const float* b = zq.data() + i * cfg.vocab_size;
+      for (index_t j = 0; j < cfg.vocab_size; ++j) {
+        err += std::pow(static_cast<double>(a[j]) - b[j], 2);
+        norm += std::pow(static_cast<double>(a[j]), 2);
+      }
+      agree += (std::max_element(a, a + cfg.vocab_size) - a) == (std::max_element(b, b + cfg.vocab_size) - b);
+    }
+    const double rel = std::sqrt(err / norm);
+    MESSAGE(std::string(what) << ": logits rel. RMS error " << rel << ", loss " << lq << " vs fp32 " << loss32 << ", top-1 agreement "
+                 << agree << "/" << batch * t << ", " << q.bytes() << " bytes");
+    CHECK(rel < max_rel);
+    CHECK(std::fabs(lq - loss32) < max_dloss);
+    CHECK(agree >= batch * t * 95 / 100);
+    CHECK(q.flops() == model.flops());
+    return q.bytes();
+  };
+  const std::size_t fp32_bytes = static_cast<std::size_t>(store.count()) * 4;
+  CHECK(compare(quant::quantized_gpt<quant::dynamic_int8<quant::per_row>>(model, store), "int8 dynamic per row", 0.01, 0.005) <
+        fp32_bytes);
+  compare(quant::quantized_gpt<quant::dynamic_int8<quant::per_tensor>>(model, store), "int8 dynamic per tensor", 0.015, 0.005);
+  compare(quant::quantized_gpt<quant::weight_only<std::int8_t, 32>>(model, store), "weight-only int8 g32", 0.005, 0.002);
+  compare(quant::quantized_gpt<quant::weight_only<quant::int4_t, 32>>(model, store), "weight-only int4 g32", 0.08, 0.02);
+  compare(quant::quantized_gpt<quant::dynamic_int8<quant::per_row>>(model, store, {.quantize_head = true}), "int8 per row, head too",
+          0.015, 0.005);
+  // the quantized projections are the trained layers' weights: block 0's c_fc keeps its GELU
+  quant::quantized_gpt<> q(model, store);
+  CHECK(q.c_fc(0).act() == activation::gelu);
+  CHECK(q.c_attn(1).out_features() == 3 * cfg.n_embd);
+  CHECK(q.mlp_proj(1).in_features() == 4 * cfg.n_embd);
+  CHECK_THROWS_AS(q.logits(ctx, std::span<const std::int32_t>(x.data(), 33), 1), shape_error);  // 33 > block 32
 }
