@@ -154,9 +154,12 @@ class gpt {
   using D = typename Policy::device;
 
   /// Declares every parameter in the store (nanoGPT's names: wte, wpe, h.<i>..., ln_f; the
-  /// head shares wte.weight).
-  gpt(parameter_store<Policy>& store, const gpt_config& cfg)
+  /// head shares wte.weight). `layer_heads` (empty: n_head in every block) gives each block its
+  /// own number of heads, each n_embd / n_head wide: a model whose heads were pruned
+  /// (prune/structured.hpp).
+  gpt(parameter_store<Policy>& store, const gpt_config& cfg, std::vector<index_t> layer_heads = {})
       : cfg_(validated(cfg)),
+        layer_heads_(checked_heads(cfg, std::move(layer_heads))),
         store_(&store),
         wte_(store, "wte", cfg.vocab_size, cfg.n_embd),
         wpe_(store, "wpe", cfg.block_size, cfg.n_embd),
@@ -165,13 +168,18 @@ class gpt {
         head_(nullptr) {
     blocks_.reserve(static_cast<std::size_t>(cfg.n_layer));
     for (index_t i = 0; i < cfg.n_layer; ++i) {
-      blocks_.emplace_back(store, "h." + std::to_string(i), cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout);
+      blocks_.emplace_back(store, "h." + std::to_string(i), cfg.n_embd, layer_heads_[static_cast<std::size_t>(i)], cfg.bias,
+                           cfg.dropout, cfg.n_embd / cfg.n_head);
     }
     ln_f_ = std::make_unique<layer_norm<Policy>>(store, "ln_f", cfg.n_embd, 1e-5, true, cfg.bias);
     head_ = std::make_unique<linear<Policy>>(store, "lm_head", wte_.weight(), false);
   }
 
   const gpt_config& config() const noexcept { return cfg_; }
+  /// Heads of each block (n_head each unless the model was built with fewer).
+  const std::vector<index_t>& layer_heads() const noexcept { return layer_heads_; }
+  /// Block i (0 <= i < n_layer).
+  transformer_block<Policy>& block(index_t i) { return blocks_.at(static_cast<std::size_t>(i)); }
 
   /// nanoGPT's initialisation (after store.allocate()): embeddings and linear weights
   /// ~ N(0, 0.02^2), residual projections ~ N(0, (0.02 / sqrt(2 n_layer))^2), biases 0.
@@ -335,8 +343,19 @@ class gpt {
     c.validate();
     return c;
   }
+  static std::vector<index_t> checked_heads(const gpt_config& c, std::vector<index_t> heads) {
+    if (heads.empty()) return std::vector<index_t>(static_cast<std::size_t>(c.n_layer), c.n_head);
+    if (static_cast<index_t>(heads.size()) != c.n_layer) {
+      throw error("nn::gpt: " + std::to_string(heads.size()) + " head counts for " + std::to_string(c.n_layer) + " layers");
+    }
+    for (std::size_t i = 0; i < heads.size(); ++i) {
+      if (heads[i] <= 0) throw error("nn::gpt: block " + std::to_string(i) + " needs at least one head, got " + std::to_string(heads[i]));
+    }
+    return heads;
+  }
 
   gpt_config cfg_;
+  std::vector<index_t> layer_heads_;
   parameter_store<Policy>* store_;
   embedding<Policy> wte_, wpe_;
   dropout<Policy> drop_;

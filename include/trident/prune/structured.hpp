@@ -19,6 +19,7 @@
 ///   ... -> conv2d               the next convolution's input channels (W[:, c, :, :])
 ///   ... -> flatten -> linear    the linear's in features c·H·W .. c·H·W + H·W − 1 for each kept channel c
 ///   attention heads             c_attn rows of q, k and v of each kept head, c_proj columns of it
+///   a GPT's heads, per block    a gpt built with layer_heads (rank_gpt_heads, copy_shrunk_gpt_heads)
 ///
 /// A kept-index list is strictly increasing (rank_* return it so): the shrunk model keeps the
 /// units in their original order. The shrunk model computes what the dense model computes with
@@ -42,6 +43,7 @@
 #include "../nn/attention.hpp"
 #include "../nn/batch_norm.hpp"
 #include "../nn/conv2d.hpp"
+#include "../nn/gpt.hpp"
 #include "../nn/linear.hpp"
 #include "../nn/parameters.hpp"
 #include "mask.hpp"
@@ -411,6 +413,34 @@ void copy_shrunk_attention(nn::parameter_store<P>& src, nn::causal_self_attentio
   std::vector<index_t> heads(kept);
   copy_column_blocks(src, attn.c_proj().weight(), dst, attn2.c_proj().weight(), heads, hw);
   if (attn.c_proj().bias().valid()) copy_tensor(src, attn.c_proj().bias(), dst, attn2.c_proj().bias());
+}
+
+/// The heads to keep in each block of `model`: keep[i] of block i's, by norm (increasing).
+template <class P>
+std::vector<std::vector<index_t>> rank_gpt_heads(nn::parameter_store<P>& store, nn::gpt<P>& model, const std::vector<index_t>& keep,
+                                                 norm kind = norm::l2) {
+  if (static_cast<index_t>(keep.size()) != model.config().n_layer) {
+    throw error("prune::rank_gpt_heads: " + std::to_string(keep.size()) + " head counts for " + std::to_string(model.config().n_layer) +
+                " blocks");
+  }
+  std::vector<std::vector<index_t>> out;
+  for (index_t i = 0; i < model.config().n_layer; ++i) out.push_back(rank_heads(store, model.block(i).attn(), keep[static_cast<std::size_t>(i)], kind));
+  return out;
+}
+
+/// Fills `shrunk`, a gpt of the same config built with layer_heads[i] = kept[i].size(), from
+/// `dense`: every tensor whose shape did not change, and each block's kept heads.
+template <class P>
+void copy_shrunk_gpt_heads(nn::parameter_store<P>& src, nn::gpt<P>& dense, nn::parameter_store<P>& dst, nn::gpt<P>& shrunk,
+                           const std::vector<std::vector<index_t>>& kept) {
+  const index_t n = dense.config().n_layer;
+  if (static_cast<index_t>(kept.size()) != n || shrunk.config().n_layer != n || shrunk.config().n_embd != dense.config().n_embd) {
+    throw error("prune::copy_shrunk_gpt_heads: " + std::to_string(kept.size()) + " kept lists for a gpt of " + std::to_string(n) +
+                " blocks into one of " + std::to_string(shrunk.config().n_layer) + " (widths " + std::to_string(dense.config().n_embd) +
+                ", " + std::to_string(shrunk.config().n_embd) + ")");
+  }
+  copy_unchanged(src, dst);
+  for (index_t i = 0; i < n; ++i) copy_shrunk_attention(src, dense.block(i).attn(), dst, shrunk.block(i).attn(), kept[static_cast<std::size_t>(i)]);
 }
 
 // --- the dense reference: pruned units zeroed ---------------------------------------------
