@@ -35,10 +35,12 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <trident/io.hpp>
 #include <trident/prune.hpp>
+#include <trident/quant.hpp>
 #include <trident/trident.hpp>
 
 #include "cli.hpp"
@@ -67,6 +69,17 @@ struct settings {
   bool progress = true;
   std::string data_dir{};
   std::string load{};
+  std::string only{};         ///< "": every row; else a comma-separated subset of quant, prune, distill
+  bool wants(std::string_view group) const {
+    if (only.empty()) return true;
+    std::string_view rest = only;
+    while (!rest.empty()) {
+      const auto comma = rest.find(',');
+      if (rest.substr(0, comma) == group) return true;
+      rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
+    }
+    return false;
+  }
 };
 
 void usage(const char* prog, const settings& d, std::FILE* to) {
@@ -88,6 +101,7 @@ void usage(const char* prog, const settings& d, std::FILE* to) {
                "                     /usr/share/datasets/fashion-mnist)\n"
                "  --train-limit N    train on the first N images only\n"
                "  --load FILE        load the baseline from FILE if it exists, else train it and save it there\n"
+               "  --only LIST        only these rows besides the baseline: quant, prune, distill, comma-separated\n"
                "  --no-progress      no progress bars\n",
                prog, d.epochs, d.finetune_epochs, static_cast<long long>(d.batch), d.lr, d.finetune_lr, d.temperature,
                d.alpha, static_cast<long long>(d.student_hidden), static_cast<unsigned long long>(d.seed), d.latency_passes);
@@ -115,6 +129,7 @@ settings parse(int argc, char** argv) {
     else if (a == "--data") s.data_dir = args.value(i);
     else if (a == "--train-limit") s.train_limit = args.integer(i, 1);
     else if (a == "--load") s.load = args.value(i);
+    else if (a == "--only") s.only = args.value(i);
     else if (a == "--no-progress") s.progress = false;
     else if (a == "--help" || a == "-h") {
       usage(argv[0], defaults, stdout);
@@ -122,6 +137,14 @@ settings parse(int argc, char** argv) {
     } else {
       args.fail("unknown option '" + std::string(a) + "'");
     }
+  }
+  for (std::string_view rest = s.only; !rest.empty();) {
+    const auto comma = rest.find(',');
+    const auto g = rest.substr(0, comma);
+    if (g != "quant" && g != "prune" && g != "distill") {
+      args.fail("option --only takes quant, prune and distill, comma-separated; got '" + std::string(g) + "'");
+    }
+    rest = comma == std::string_view::npos ? std::string_view{} : rest.substr(comma + 1);
   }
   if (s.alpha > 1.0) args.fail("option --alpha takes a number in [0, 1], got " + std::to_string(s.alpha));
   if (s.quick) {
@@ -265,7 +288,6 @@ struct row {
   double bytes = 0;       ///< as stored: weights and biases at their bit widths, plus scales
   double latency = 0;     ///< ms per batch of 256
   std::string note;
-  bool pending = false;   ///< the method's API is not in the library yet
 };
 
 template <class Model>
@@ -276,11 +298,6 @@ row measure(std::string name, std::string key, Model& model, double bytes, const
               r.latency);
   std::fflush(stdout);
   return r;
-}
-
-row pending(std::string name, std::string key, std::string why) {
-  std::printf("  %-30s not measured: %s\n", name.c_str(), why.c_str());
-  return row{std::move(name), std::move(key), 0, 0, 0, std::move(why), true};
 }
 
 /// Bytes of an fp32 store's weights and biases.
@@ -324,6 +341,74 @@ std::vector<row> distillation_rows(Teacher& teacher, const data_set& d, const se
   }
   rows.push_back(std::move(alone_row));
   return rows;
+}
+
+/// Bytes a model stores: each module's bytes() where it has one (quantized layers: values at
+/// their bit width, scales, fp32 bias), fp32 weights and bias for a linear, nothing for the rest.
+template <class M>
+double module_bytes(const M& m) {
+  if constexpr (requires { m.bytes(); }) {
+    return static_cast<double>(m.bytes());
+  } else if constexpr (requires { m.in_features(); m.out_features(); m.bias(); }) {
+    const double n = static_cast<double>(m.in_features() * m.out_features() + (m.bias().valid() ? m.out_features() : 0));
+    return n * sizeof(float);
+  } else {
+    return 0.0;
+  }
+}
+template <class... Ms>
+double model_bytes(nn::sequential<P, Ms...>& net) {
+  return [&]<std::size_t... I>(std::index_sequence<I...>) {
+    return (0.0 + ... + module_bytes(net.template get<I>()));
+  }(std::index_sequence_for<Ms...>{});
+}
+
+/// Post-training static int8: min-max ranges of every linear's input over a few training
+/// batches, then int8 weights (per channel) and uint8 activations (per tensor).
+row ptq_row(mlp& base, const data_set& d, const settings& s) {
+  auto cal = quant::calibrate<quant::minmax_observer>(base.net, base.store);
+  nn::arena<cpu> mem;
+  const index_t batches = std::max<index_t>(1, std::min<index_t>(s.quick ? 4 : 16, d.train_images.size(0) / 256));
+  for (index_t b = 0; b < batches; ++b) {
+    mem.reset();
+    nn::context<P> ctx{mem, false, nullptr};
+    cal.forward(ctx, d.train_images.slice(0, b * 256, std::min(d.train_images.size(0), (b + 1) * 256)));
+  }
+  auto q = quant::convert<quant::static_int8>(cal, base.store);
+  char note[120];
+  std::snprintf(note, sizeof note, "static: min-max calibration on %lld training images", static_cast<long long>(batches * 256));
+  return measure("PTQ int8", "ptq_int8", q, model_bytes(q), d, s, note);
+}
+
+/// Quantization-aware training: the baseline's weights in qat_linear layers (fake-quantized
+/// int8 weights and uint8 inputs, straight-through gradients), fine-tuned, then converted to
+/// static int8 with the observers' frozen ranges.
+row qat_row(mlp& base, const data_set& d, const settings& s) {
+  using qat = quant::qat_linear<P>;
+  io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed + 5});
+  const quant::qat_options o{.freeze_observer_after = std::max<std::int64_t>(1, s.finetune_epochs * loader.batches_per_epoch() / 2)};
+  nn::parameter_store<P> store;
+  nn::sequential<P, nn::flatten<P>, qat, nn::dropout<P>, qat, nn::dropout<P>, qat> net(
+      nn::flatten<P>{}, qat(store, "fc1", 784, base.h1, true, activation::relu, o), nn::dropout<P>(0.2),
+      qat(store, "fc2", base.h1, base.h2, true, activation::relu, o), nn::dropout<P>(0.2), qat(store, "fc3", base.h2, 10, true,
+                                                                                            activation::none, o));
+  store.allocate();
+  quant::copy_parameters(base.store, store);
+  optim::adamw opt({.lr = s.finetune_lr, .weight_decay = s.weight_decay});
+  fit(net, store, opt, s.finetune_epochs, loader, s);
+  const double fake = accuracy(net, d);
+  auto q = quant::convert<quant::static_int8>(net, store);
+  char note[120];
+  std::snprintf(note, sizeof note, "fine-tuned with fake quantization (%.4f), observers frozen at step %lld",
+                fake, static_cast<long long>(o.freeze_observer_after));
+  return measure("QAT int8", "qat_int8", q, model_bytes(q), d, s, note);
+}
+
+/// Weight-only int4: group-wise int4 weights (one fp32 scale per 16 inputs: 784 has no divisor
+/// 32), fp32 activations; no data needed.
+row int4_row(mlp& base, const data_set& d, const settings& s) {
+  auto q = quant::convert<quant::weight_only<quant::int4_t, 16>>(base.net, base.store);
+  return measure("weight-only int4", "int4", q, model_bytes(q), d, s, "group 16, fp32 activations, no data");
 }
 
 /// A copy of the baseline: same architecture, its weights.
@@ -409,10 +494,6 @@ void print_table(const std::vector<row>& rows) {
   const row& base = rows.front();
   std::printf("\n%-30s %9s %11s %7s %12s %8s  %s\n", "model", "accuracy", "KiB", "size", "ms/256 img", "speed", "notes");
   for (const row& r : rows) {
-    if (r.pending) {
-      std::printf("%-30s %9s %11s %7s %12s %8s  %s\n", r.name.c_str(), "-", "-", "-", "-", "-", r.note.c_str());
-      continue;
-    }
     std::printf("%-30s %9.4f %11.1f %6.2fx %12.3f %7.2fx  %s\n", r.name.c_str(), r.accuracy, r.bytes / 1024.0,
                 base.bytes / r.bytes, r.latency, base.latency / r.latency, r.note.c_str());
   }
@@ -455,23 +536,27 @@ int main(int argc, char** argv) {
     rows.push_back(measure("fp32 baseline", "fp32", base.net, fp32_bytes(base.store), d, s));
 
     // Quantization (include/trident/quant.hpp).
-    rows.push_back(pending("PTQ int8", "ptq_int8", "pending: the quantization API (quant::convert) is not in the library yet"));
-    rows.push_back(pending("QAT int8", "qat_int8", "pending: the quantization API (quant::qat_linear) is not in the library yet"));
-    rows.push_back(pending("weight-only int4", "int4", "pending: the quantization API (quant::convert) is not in the library yet"));
+    if (s.wants("quant")) {
+      rows.push_back(ptq_row(base, d, s));
+      rows.push_back(qat_row(base, d, s));
+      rows.push_back(int4_row(base, d, s));
+    }
 
     // Pruning (include/trident/prune.hpp), each from a copy of the baseline.
-    rows.push_back(unstructured_row(base, 0.5, d, s));
-    rows.push_back(unstructured_row(base, 0.9, d, s));
-    rows.push_back(shrunk_row(base, d, s));
-    rows.push_back(sparse_2_4_row(base, d, s));
+    if (s.wants("prune")) {
+      rows.push_back(unstructured_row(base, 0.5, d, s));
+      rows.push_back(unstructured_row(base, 0.9, d, s));
+      rows.push_back(shrunk_row(base, d, s));
+      rows.push_back(sparse_2_4_row(base, d, s));
+    }
 
     // Distillation.
-    for (auto& r : distillation_rows(base.net, d, s)) rows.push_back(std::move(r));
+    if (s.wants("distill"))
+      for (auto& r : distillation_rows(base.net, d, s)) rows.push_back(std::move(r));
 
     print_table(rows);
     std::printf("RESULT example=compress_demo");
-    for (const row& r : rows)
-      if (!r.pending) std::printf(" %s=%.4f", r.key.c_str(), r.accuracy);
+    for (const row& r : rows) std::printf(" %s=%.4f", r.key.c_str(), r.accuracy);
     std::printf("\n");
     return 0;
   } catch (const std::exception& e) {
