@@ -171,6 +171,12 @@ TEST_CASE("int8_gemm: shape errors") {
   CHECK_THROWS_AS(q::packed_int8_weight(wq.data(), s.data(), 3, 4), q::quantization_error);
   std::vector<float> wf(12, 0.5f);
   CHECK_THROWS_AS(q::packed_int8_weight::quantize(wf.data(), 3, 4, 3), trident::shape_error);
+  // Forcing a kernel this CPU or build lacks is an error, not a silent fallback.
+  for (const auto kk : {q::int8_kernel::avx512_vnni, q::int8_kernel::amx_int8}) {
+    if (!q::kernel_available(kk)) {
+      CHECK_THROWS_WITH_AS(q::scoped_int8_kernel{kk}, doctest::Contains("not available"), trident::error);
+    }
+  }
 }
 
 TEST_CASE("packed_int8_weight: layout round trip, row sums and bytes") {
@@ -479,6 +485,16 @@ TEST_CASE("int8_linear and dynamic_int8_linear against double from the same quan
             e.act = act;
             q::int8_linear(a.data(), m, k, w, y.data(), ldy, e);
             check_close(y, ldy, want, mag, m, n, "int8_linear " + what);
+            // Symmetric activations (no zero point): the same call with a_zero null.
+            {
+              std::vector<double> mag0;
+              const auto want0 = linear_reference(a, m, k, w, sa.data(), nullptr, per_row, b, act, &mag0);
+              std::vector<float> y0(static_cast<std::size_t>(m * ldy), -7.0f);
+              q::int8_epilogue e0 = e;
+              e0.a_zero = nullptr;
+              q::int8_linear(a.data(), m, k, w, y0.data(), ldy, e0);
+              check_close(y0, ldy, want0, mag0, m, n, "int8_linear without zero point " + what);
+            }
             std::vector<float> y2(static_cast<std::size_t>(m * ldy), -7.0f);
             q::dynamic_int8_linear(x.data(), m, ldx, w, y2.data(), ldy, b, act, g);
             check_close(y2, ldy, want, mag, m, n, "dynamic_int8_linear " + what);

@@ -145,6 +145,7 @@ inline void run_block(thread_ctx& t, const std::uint8_t* a, index_t m, index_t l
 #endif
     default:
       (void)a_padded;
+      (void)m;
       gemm_scalar(a, lda, i0, i1, w, j0, j1, sp);
       break;
   }
