@@ -674,3 +674,105 @@ TEST_CASE("prune: a GPT block shrunk by attention heads matches the block with t
   CHECK_THROWS_WITH_AS(prune::copy_shrunk_attention(ds, dense.attn(), ss, small.attn(), {0, 1, 2}), doctest::Contains("keeping 3 heads"),
                        shape_error);
 }
+
+TEST_CASE("prune: a GPT with heads pruned per block gives the logits of the dense GPT with those heads zeroed") {
+  using P = P32;
+  const nn::gpt_config cfg{.vocab_size = 17, .block_size = 8, .n_layer = 2, .n_head = 4, .n_embd = 32};
+  nn::parameter_store<P> ds;
+  nn::gpt<P> dense(ds, cfg);
+  ds.allocate();
+  generator g(41);
+  normal(ds.params(), g, 0.0, 0.3);
+  const auto kept = prune::rank_gpt_heads(ds, dense, {3, 2});
+  REQUIRE(kept.size() == 2);
+  CHECK(kept[0] == reference_top(prune::head_norms(ds, dense.block(0).attn()), 3));
+  CHECK(kept[1] == reference_top(prune::head_norms(ds, dense.block(1).attn()), 2));
+  nn::parameter_store<P> ss;
+  nn::gpt<P> small(ss, cfg, {3, 2});
+  ss.allocate();
+  prune::copy_shrunk_gpt_heads(ds, dense, ss, small, kept);
+
+  std::vector<std::int32_t> tokens;
+  for (int i = 0; i < 2 * 8; ++i) tokens.push_back((i * 5 + 3) % 17);
+  auto logits = [&](nn::gpt<P>& m) {
+    nn::arena<cpu> mem;
+    nn::context<P> ctx{mem, false, nullptr};
+    return to_vector(m.logits(ctx, tokens, 2));
+  };
+  const auto y_dense = logits(dense);
+  for (index_t i = 0; i < 2; ++i) prune::zero_heads(ds, dense.block(i).attn(), prune::complement(kept[static_cast<std::size_t>(i)], 4));
+  const auto y_zeroed = logits(dense);
+  CHECK(rel_diff(logits(small), y_zeroed) < 1e-5);
+  CHECK(rel_diff(y_dense, y_zeroed) > 1e-2);
+  CHECK(small.layer_heads() == std::vector<index_t>{3, 2});
+  const auto sizes = prune::compare_sizes(ds, ss);
+  // each pruned head of width 8 takes 3 * 8 * 32 + 3 * 8 (c_attn) and 32 * 8 (c_proj) parameters
+  CHECK(sizes.dense_parameters - sizes.shrunk_parameters == 3 * (3 * 8 * 32 + 3 * 8 + 32 * 8));
+  CHECK_THROWS_WITH_AS(nn::gpt<P>(ss, cfg, {3}), doctest::Contains("1 head counts for 2 layers"), error);
+}
+
+TEST_CASE("prune: gradual pruning during masked training reaches the final sparsity and keeps every pruned weight at zero") {
+  mlp<P32> m;
+  const prune::gradual_schedule sched{.initial_sparsity = 0.0, .final_sparsity = 0.8, .start_step = 1, .frequency = 1, .steps = 3};
+  prune::gradual_pruner<P32> pruner(m.store, sched, prune::scope::global);
+  prune::masked<optim::sgd> opt(pruner.masks(), {.lr = 0.1, .momentum = 0.9, .weight_decay = 1e-2});
+  train::step_control<P32> control;
+  for (int s = 0; s < steps; ++s) {
+    pruner.step(s);
+    m.store.zero_grad();
+    m.backward(s, 0, global_batch, 1.0);
+    control.step(m.store, opt);
+    const auto r = prune::report_sparsity(m.store);
+    CHECK(r.zeros == pruner.masks().pruned());  // pruned exactly zero, nothing else zero
+    CHECK(r.global() == doctest::Approx(sched.sparsity_at(std::min<std::int64_t>(s, sched.end_step()))).epsilon(0.01));
+  }
+  CHECK(pruner.updates() == 4);
+  CHECK(pruner.masks().pruned() == round_half_even(0.8 * (8 * 40 + 40 * 24 + 24 * 3)));
+}
+
+TEST_CASE("prune: bf16_mixed masked training zeroes the fp32 master as well, in one process and under ZeRO-2") {
+  using P = policy<bf16_mixed, cpu>;
+  {
+    mlp<P> m;
+    const auto masks = half_masks(m);
+    prune::masked<optim::adamw> opt(masks, adamw_case::options());
+    train::step_control<P> control;
+    for (int s = 0; s < 3; ++s) {
+      m.store.zero_grad();
+      m.backward(s, 0, global_batch, 1.0);
+      control.step(m.store, opt);
+    }
+    int nonzero_master = 0, nonzero_params = 0;
+    masks.for_each_pruned(0, m.store.size(), [&](index_t i) {
+      nonzero_master += m.store.master().data()[i] != 0.0f;
+      nonzero_params += static_cast<float>(m.store.params().data()[i]) != 0.0f;
+    });
+    CHECK(nonzero_master == 0);
+    CHECK(nonzero_params == 0);
+    CHECK(prune::report_sparsity(m.store).zeros == masks.pruned());
+  }
+  using PZ = policy<bf16_mixed, cpu, zero<2>>;
+  run_ranks(2, [&](thread_comm& comm) {
+    mlp<PZ> m;
+    const auto masks = half_masks(m);
+    prune::masked<optim::adamw> opt(masks, adamw_case::options());
+    parallel::distributed_step<PZ, thread_comm> dist(m.store, comm, {.reduce_bucket_size = 100});
+    const index_t b = global_batch * comm.rank() / 2, e = global_batch * (comm.rank() + 1) / 2;
+    for (int s = 0; s < 3; ++s) {
+      m.store.zero_grad();
+      m.backward(s, b, e, dist.loss_scale());
+      dist.step(opt);
+    }
+    const auto [pb, pe] = dist.partition();
+    auto master = dist.master();
+    int nonzero_master = 0, nonzero_params = 0, pruned_here = 0;
+    masks.for_each_pruned(pb, pe, [&](index_t i) {
+      ++pruned_here;
+      nonzero_master += master.data()[i - pb] != 0.0f;
+    });
+    masks.for_each_pruned(0, m.store.size(), [&](index_t i) { nonzero_params += static_cast<float>(m.store.params().data()[i]) != 0.0f; });
+    CHECK(pruned_here > 0);
+    CHECK(nonzero_master == 0);
+    CHECK(nonzero_params == 0);
+  });
+}
