@@ -2,7 +2,8 @@
 // gradient by central differences, α = 0 as plain cross-entropy, the T² scaling and its
 // high-temperature limit, logit matching), bad input; the teacher–student trainer: its loss is
 // the loss module's, its gradients are the module's, accumulation gives one big batch's step,
-// the teacher is left alone, and a small student distilled from a trained teacher learns.
+// the teacher is left alone, and a small student distilled from a trained teacher (fp32, or
+// converted to int8) learns.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -16,6 +17,7 @@
 
 #include <trident/distill.hpp>
 #include <trident/io/batches.hpp>
+#include <trident/quant.hpp>
 #include <trident/trident.hpp>
 
 using namespace trident;
@@ -417,7 +419,7 @@ TEST_CASE("distill::trainer: the batch loss is the loss module's, the gradients 
   CHECK(worst < 2e-6);
 }
 
-TEST_CASE("distill::trainer: a small student learns from a trained teacher, which is left as it was") {
+TEST_CASE("distill::trainer: a small student learns from a trained teacher, left as it was, and from its int8 conversion") {
   blobs train_set(512, 4, 3), test_set(256, 4, 4);
   io::batch_loader<float> tl(train_set.x.view(), train_set.y, {.batch_size = 32, .seed = 1});
   io::batch_loader<float> el(test_set.x.view(), test_set.y, {.batch_size = 100, .shuffle = false});
@@ -464,6 +466,17 @@ TEST_CASE("distill::trainer: a small student learns from a trained teacher, whic
   while (std::getline(in, line)) ++rows;
   CHECK(rows == 4 * 2 + 4);
   std::filesystem::remove_all(dir);
+
+  // A quantized teacher: the same teacher converted to int8 (quant::qlinear layers, inference only).
+  auto int8_teacher = quant::convert<quant::dynamic_int8<quant::per_row>>(teacher.net, teacher.store);
+  mlp<fp32p> student2(6, 4, 8);
+  optim::sgd opt2({.lr = 0.1, .momentum = 0.9});
+  distill::trainer<fp32p, decltype(student2.net), decltype(int8_teacher), optim::sgd> t2(
+      student2.net, student2.store, int8_teacher, opt2, {.epochs = 4, .loss = {.temperature = 3.0, .alpha = 0.8}, .progress = false, .out = nullptr});
+  CHECK(t2.evaluate_teacher(el).accuracy > 0.95);
+  const auto s2 = t2.fit(tl, &el);
+  CHECK(s2.last_eval.accuracy > 0.93);
+  CHECK(s2.last_train.loss < 0.3 * first.loss);
 }
 
 TEST_CASE("distill::trainer: a forward-only fp32 teacher teaches a bf16 student; its NaN is named") {
