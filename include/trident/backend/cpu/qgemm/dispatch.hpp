@@ -3,10 +3,17 @@
 /// The int8 GEMM drivers: which kernel runs (what the CPU has, the shape, a scoped override),
 /// and how the work is cut between OpenMP threads.
 ///
-/// C (m x n) is cut into row blocks (32 rows, two AMX tiles) and, when the row blocks alone
-/// cannot keep the threads busy, column blocks. Each thread takes a contiguous run of the
-/// blocks, rows first, so that in the dynamic linear the rows a thread quantized are the rows
-/// it multiplies, still in its cache.
+/// Kernel: AMX-INT8 when the CPU has it (cpuid, and Linux grants the tile state) and C has at
+/// least 16 rows; else AVX512-VNNI when the CPU has it; else the scalar kernel. Each is
+/// compiled in when the target allows it (__AVX512VNNI__, __AMX_INT8__) and used when cpuid
+/// says the CPU runs it. qgemm::scoped_kernel forces one for the calling thread.
+///
+/// Threads: C (m x n) is cut into row blocks (32 rows, two AMX tiles) and, when the row blocks
+/// alone cannot keep the threads busy, column blocks; threads claim blocks from a shared
+/// counter (on a shared machine, a thread whose core is taken just claims fewer). In the
+/// dynamic linear a thread quantizes the rows of the strip it claimed and multiplies them
+/// while they are still in its cache. The thread count follows the fp32 GEMM's policy
+/// (gemm/common.hpp: gemm_threads).
 
 #include <algorithm>
 #include <atomic>
