@@ -26,6 +26,13 @@ namespace {
 using fp32p = policy<fp32, cpu>;
 using bf16p = policy<bf16_mixed, cpu>;
 
+// quantized layers are modules like any other
+static_assert(nn::module<quant::qlinear<fp32p, quant::dynamic_int8<quant::per_row>>, fp32p>);
+static_assert(nn::module<quant::qlinear<fp32p, quant::static_int8>, fp32p>);
+static_assert(nn::module<quant::qlinear<bf16p, quant::weight_only<quant::int4_t, 128>>, bf16p>);
+static_assert(nn::module<quant::qat_linear<fp32p, quant::percentile_observer>, fp32p>);
+static_assert(nn::module<quant::observed_linear<fp32p>, fp32p>);
+
 /// numpy's round (half to even) in double.
 double round_even(double v) { return std::nearbyint(v); }
 
