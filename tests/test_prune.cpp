@@ -111,12 +111,25 @@ TEST_CASE("prune: layer-wise magnitude pruning prunes exactly round(s n) per ten
       CHECK(pruned_of(*m) == reference_smallest(v, k));
     }
   }
-  // the planted ties at 0.25 (a: 5 of them, b: 3) straddle the threshold at this sparsity:
-  // the earlier positions go first
+  // a sparsity whose threshold cuts through the five planted magnitudes 0.25 of a (positions
+  // 3, 9, 20, 41, 77): the two earlier ones go, the three later ones stay
+  {
+    const auto v = t.values(t.a);
+    index_t below = 0;
+    for (double x : v) below += std::fabs(x) < 0.25;
+    const auto masks = prune::magnitude_layerwise(t.store, (static_cast<double>(below) + 2.1) / 91.0);
+    const auto pa = pruned_of(*masks.find(t.a.index));
+    CHECK(static_cast<index_t>(pa.size()) == below + 2);
+    CHECK(pa.count(3) == 1);
+    CHECK(pa.count(9) == 1);
+    CHECK(pa.count(20) == 0);
+    CHECK(pa.count(41) == 0);
+    CHECK(pa.count(77) == 0);
+    CHECK(pa.count(5) == 1);  // +0 and -0 are the smallest
+    CHECK(pa.count(6) == 1);
+  }
   const auto masks = prune::magnitude_layerwise(t.store, 0.37);
   const auto pa = pruned_of(*masks.find(t.a.index));
-  CHECK(pa.count(5) == 1);
-  CHECK(pa.count(6) == 1);
 
   // apply zeroes exactly the pruned elements; the report counts them
   prune::apply(t.store, masks);
