@@ -64,11 +64,6 @@ inline void amx_block(const std::uint8_t* a, const std::int8_t* b0, index_t pstr
   }
   const std::int8_t* b1 = b0 + pstride;
   for (index_t kb = 0; kb < kp; kb += 64) {
-    // W streams from L2: fetch the next step's tiles into L1 while this one runs.
-    for (int l = 0; l < 1024; l += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(b0 + kb * 16 + 1024 + l), _MM_HINT_T0);
-      if constexpr (Two) _mm_prefetch(reinterpret_cast<const char*>(b1 + kb * 16 + 1024 + l), _MM_HINT_T0);
-    }
     _tile_loadd(4, a + kb * 32, 64);
     _tile_loadd(6, b0 + kb * 16, 64);
     _tile_loadd(5, a + kb * 32 + 1024, 64);
