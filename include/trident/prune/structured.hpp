@@ -278,7 +278,9 @@ void copy_column_blocks(nn::parameter_store<P>& src, nn::parameter_handle hs, nn
 }
 
 /// linear a -> linear b with a's output features `kept`: a's weight rows and bias, b's
-/// weight columns; b's bias as it is.
+/// weight columns; b's bias as it is. b keeps all its own outputs; when b's outputs are
+/// pruned too, use copy_shrunk_linear_chain (or copy_selected), which cuts rows and columns
+/// of a layer at once.
 template <class P>
 void copy_shrunk_linear_pair(nn::parameter_store<P>& src, const nn::linear<P>& a, const nn::linear<P>& b, nn::parameter_store<P>& dst,
                              const nn::linear<P>& a2, const nn::linear<P>& b2, const std::vector<index_t>& kept) {
