@@ -261,8 +261,26 @@ std::vector<double> reference_linear(const std::vector<float>& x, index_t m, ind
   return y;
 }
 
+// Runs y = act(x W^T + bias) through the public entry (path < 0) or one path explicitly:
+// 0 direct, 1 blocked, 2 blocked transposed, on `threads` threads.
 template <class Q>
-void check_linear(index_t m, index_t n, index_t k, index_t group, bool with_bias, activation act, std::uint32_t seed) {
+void run_linear(int path, int threads, const float* x, index_t m, index_t ldx, const quant::groupwise_weight<Q>& w,
+                float* y, index_t ldy, const float* bias, activation act) {
+  namespace wp = cpu_kernels::weight_only_paths;
+  const cpu_kernels::gemm_epilogue ep{bias, act};
+  switch (path) {
+    case 0: wp::direct(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
+    case 1: wp::blocked(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
+    case 2: wp::blocked_transposed(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
+    default: quant::weight_only_linear(x, m, ldx, w, y, ldy, bias, act); break;
+  }
+}
+
+template <class Q>
+void check_linear(index_t m, index_t n, index_t k, index_t group, bool with_bias, activation act, std::uint32_t seed,
+                  int path = -1, int threads = 1) {
+  CAPTURE(path);
+  CAPTURE(threads);
   CAPTURE(m);
   CAPTURE(n);
   CAPTURE(k);
@@ -275,7 +293,7 @@ void check_linear(index_t m, index_t n, index_t k, index_t group, bool with_bias
   const auto bias = random_weights(n, seed + 2);
   const float sentinel = 12345.0f;
   std::vector<float> y(static_cast<std::size_t>(m * ldy), sentinel);
-  quant::weight_only_linear(x.data(), m, ldx, w, y.data(), ldy, with_bias ? bias.data() : nullptr, act);
+  run_linear(path, threads, x.data(), m, ldx, w, y.data(), ldy, with_bias ? bias.data() : nullptr, act);
   std::vector<double> abs_sum;
   const auto ref = reference_linear(x, m, ldx, w, with_bias ? bias.data() : nullptr, act, &abs_sum);
   int bad = 0, padding = 0;
@@ -319,6 +337,11 @@ TEST_CASE("weight_only_linear matches a double GEMM of the dequantised weights")
     check_linear<int4_t>(33, 50, 72, 24, true, none, 205);
     check_linear<int4_t>(2, 50, 72, 6, false, none, 206);
   }
+  SUBCASE("through the public entry's thresholds: the last direct m and the first blocked one") {
+    check_linear<std::int8_t>(32, 70, 128, 32, true, relu, 107);
+    check_linear<int4_t>(33, 70, 128, 32, true, relu, 207);
+    check_linear<int4_t>(96, 512, 512, 128, true, relu, 208);  // computed transposed when threaded
+  }
   SUBCASE("m = 0 writes nothing; bad strides are rejected") {
     const auto wf = random_weights(8 * 32, 7);
     const auto w = quant::groupwise_weight<std::int8_t>::quantize(wf.data(), 8, 32, 32, 32);
@@ -328,6 +351,18 @@ TEST_CASE("weight_only_linear matches a double GEMM of the dequantised weights")
                          doctest::Contains("x's row stride 16 is smaller than the weights' in 32"), shape_error);
     CHECK_THROWS_WITH_AS(quant::weight_only_linear(x.data(), 2, 32, w, y.data(), 4),
                          doctest::Contains("y's row stride 4 is smaller than the weights' out 8"), shape_error);
+  }
+}
+
+TEST_CASE("weight_only_linear: every path (direct, blocked, blocked transposed) on 1 and 2 threads") {
+  for (int threads : {1, 2}) {
+    for (int path : {0, 1, 2}) {
+      check_linear<std::int8_t>(5, 70, 256, 32, true, activation::relu, 300, path, threads);
+      check_linear<std::int8_t>(64, 130, 512, 128, true, activation::none, 301, path, threads);
+      check_linear<int4_t>(3, 70, 256, 128, true, activation::relu, 302, path, threads);
+      check_linear<int4_t>(96, 200, 640, 32, false, activation::relu, 303, path, threads);
+      check_linear<int4_t>(9, 30, 60, 12, true, activation::none, 304, path, threads);  // group not a multiple of 16
+    }
   }
 }
 

@@ -5,15 +5,19 @@
 /// consecutive k of a row. W is never dequantised as a whole:
 ///
 /// - Many rows of X (m > small_m_max): the blocked fp32 GEMM of gemm/blocked.hpp runs
-///   unchanged, with its micro-kernels and blocking; only the packing of B differs. B is
-///   described by a `groupwise_b<Bits>` and gemm_blocked's call pack_b_panels<P, NR, KG>(b, ...)
-///   finds the overload below by argument-dependent lookup (groupwise_b lives in the same
-///   namespace), which dequantises each micro-panel of W^T straight into the fp32 packed
-///   layout (q * scale; 16 x 16 blocks converted and transposed in registers). The weight
-///   bytes read are 1/4 (int8) or 1/8 (int4) of fp32's, the packed panels are the same.
+///   unchanged, with its micro-kernels and blocking; only the packing of W differs. W is
+///   described by a `groupwise_b<Bits>` and gemm_blocked's calls pack_b_panels<P, NR, KG>(b, ...)
+///   and pack_a_panel<P, MR, KG>(a, ...) find the overloads below by argument-dependent
+///   lookup (groupwise_b lives in the same namespace), which dequantise each micro-panel of W
+///   straight into the fp32 packed layout (q * scale; 16 x 16 blocks converted and transposed
+///   in registers). W is B (Y = X W^T), or A where the fp32 GEMM would compute transposed
+///   (Y^T = W X^T: few rows, many columns, threaded; see detail::transposed_pays). The weight
+///   bytes read are 1/4 (int8) or 1/8 (int4) of fp32's; the packed panels are the same.
 /// - Few rows (m <= small_m_max: decoding, small batches, memory bound): a direct kernel
-///   that reads each byte of W once. Rows of W are dequantised a few at a time into an L1
-///   buffer and dotted with every row of X; the reduction along k stays in registers.
+///   that reads each byte of W once, with no packing. Tiles of up to 4 rows of X x 4 rows of
+///   W accumulate dot products along k in 16 vector registers, reduced once at the end; W
+///   is dequantised in registers as it streams by (m <= 4) or, for more rows, 4 rows at a
+///   time into an L1/L2 buffer that every 4 rows of X then read.
 ///
 /// int8 values are widened and scaled (q * s, exact: |q| <= 128 has 8 significant bits, so
 /// q * s is the correctly rounded product the reference forms); int4 values pass through a
@@ -25,6 +29,7 @@
 
 #include "../../config.hpp"
 #include "../../core/activation.hpp"
+#include "gemm.hpp"
 #include "gemm/blocked.hpp"
 #include "gemm/common.hpp"
 #include "gemm/kernel_avx2.hpp"
@@ -170,50 +175,275 @@ inline void pack_b_panels(const groupwise_b<Bits>* wp, bool trans, index_t ldb, 
   }
 }
 
-/// Largest m the direct (few rows) kernel takes; more rows go through the blocked GEMM.
-inline constexpr index_t small_m_max = 16;
-
-/// Rows of W dequantised together by the direct kernel (its L1 buffer holds JB x k floats).
-inline constexpr index_t small_jb = 4;
-
-/// The direct kernel on rows [j0, j1) of W: Y(i, j) = act(sum_p X(i, p) W(j, p) + bias[j]).
-template <int Bits>
-inline void weight_only_small_rows(const float* x, index_t m, index_t ldx, const groupwise_b<Bits>& w, float* y,
-                                   index_t ldy, const gemm_epilogue& ep, index_t j0, index_t j1, float* buf) {
-  const index_t k = w.k;
-  for (index_t jb = j0; jb < j1; jb += small_jb) {
-    const index_t nj = std::min(small_jb, j1 - jb);
-    // Dequantise rows jb .. jb+nj of W into buf (nj x k).
-    for (index_t j = 0; j < nj; ++j) {
-      float* b = buf + j * k;
-      index_t p = 0;
+/// Packs rows [i0, i0+mr) of W, k range [k0, k0+kc), into one micro-panel of MR rows,
+/// dequantising on the way: entry (p*MR + i)*KG + g = W(i0 + i, k0 + p*KG + g) * scale. This
+/// is the A operand when the product is computed transposed (Y^T = W X^T). Found by
+/// gemm_blocked through argument-dependent lookup, like pack_b_panels above.
+template <class P, int MR, int KG, int Bits>
+inline void pack_a_panel(const groupwise_b<Bits>* wp, bool trans, index_t lda, index_t i0, index_t mr, index_t k0,
+                         index_t kc, P* TRIDENT_RESTRICT out) noexcept {
+  (void)trans;
+  (void)lda;
+  const groupwise_b<Bits>& w = *wp;
 #if defined(TRIDENT_HAS_AVX512)
-      if (w.group % 16 == 0) {
-        for (; p < k; p += 16) _mm512_storeu_ps(b + p, dequant16(w, jb + j, p));
+  if constexpr (KG == 1 && std::is_same_v<P, float> && MR <= 16) {
+    if (w.group % 16 == 0 && k0 % 16 == 0) {
+      const __mmask16 rows_mask = static_cast<__mmask16>((1u << MR) - 1u);
+      for (index_t p = 0; p < kc; p += 16) {
+        const index_t kk = std::min<index_t>(16, kc - p);
+        __m512 r[16];
+        if (kk == 16) {
+          for (int i = 0; i < 16; ++i) r[i] = i < mr ? dequant16(w, i0 + i, k0 + p) : _mm512_setzero_ps();
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            alignas(64) float t[16] = {};
+            for (index_t g = 0; g < kk && i < mr; ++g) t[g] = w.at(i0 + i, k0 + p + g);
+            r[i] = _mm512_load_ps(t);
+          }
+        }
+        transpose16x16(r);
+        for (index_t q = 0; q < kk; ++q) _mm512_mask_storeu_ps(out + (p + q) * MR, rows_mask, r[q]);
       }
-#endif
-      for (; p < k; ++p) b[p] = w.at(jb + j, p);
+      return;
     }
-    for (index_t i = 0; i < m; ++i) {
-      const float* xi = x + i * ldx;
-      for (index_t j = 0; j < nj; ++j) {
-        const float* b = buf + j * k;
-        float acc = 0.0f;
-        index_t p = 0;
-#if defined(TRIDENT_HAS_AVX512)
-        __m512 va = _mm512_setzero_ps();
-        for (; p + 16 <= k; p += 16) va = _mm512_fmadd_ps(_mm512_loadu_ps(xi + p), _mm512_loadu_ps(b + p), va);
-        acc = _mm512_reduce_add_ps(va);
+  }
 #endif
-        for (; p < k; ++p) acc += xi[p] * b[p];
-        if (ep.bias != nullptr) acc += ep.bias[jb + j];
-        y[i * ldy + jb + j] = apply_activation(ep.act, acc);
+  const index_t groups = ceil_div(kc, KG);
+  for (index_t p = 0; p < groups; ++p) {
+    for (int i = 0; i < MR; ++i) {
+      for (int g = 0; g < KG; ++g) {
+        const index_t kk = p * KG + g;
+        out[(p * MR + i) * KG + g] = (i < mr && kk < kc) ? convert_element<P>(w.at(i0 + i, k0 + kk)) : zero_element<P>();
       }
     }
   }
 }
 
+/// Largest m the direct (few rows) kernel takes; more rows go through the blocked GEMM.
+inline constexpr index_t small_m_max = 32;
+
+/// Rows of W one tile of the direct kernel covers.
+inline constexpr index_t small_jb = 4;
+
+/// Stores y(i, j) = act(s + bias[j]).
+TRIDENT_ALWAYS_INLINE void store_dot(float* y, float s, index_t j, const gemm_epilogue& ep) noexcept {
+  if (ep.bias != nullptr) s += ep.bias[j];
+  *y = apply_activation(ep.act, s);
+}
+
+/// The direct kernel, portable: rows [j0, j1) of W, every row of X, one element at a time
+/// (any group; used when the group is not a multiple of 16 or without AVX-512).
+template <int Bits>
+inline void small_rows_scalar(const float* x, index_t m, index_t ldx, const groupwise_b<Bits>& w, float* y,
+                              index_t ldy, const gemm_epilogue& ep, index_t j0, index_t j1, float* buf) {
+  const index_t k = w.k;
+  for (index_t j = j0; j < j1; ++j) {
+    for (index_t p = 0; p < k; ++p) buf[p] = w.at(j, p);
+    for (index_t i = 0; i < m; ++i) {
+      const float* xi = x + i * ldx;
+      float acc = 0.0f;
+      TRIDENT_SIMD(reduction(+ : acc))
+      for (index_t p = 0; p < k; ++p) acc += xi[p] * buf[p];
+      store_dot(y + i * ldy + j, acc, j, ep);
+    }
+  }
+}
+
+#if defined(TRIDENT_HAS_AVX512)
+/// One tile of the direct kernel: rows [i0, i0+MI) of X against rows j0 .. j0+JB of W (nj of
+/// them real; the others repeat the last row and are not stored). `load(jj, p, g)` gives
+/// elements [p, p+16) of the tile's row jj, p in group g. Dot products run along k in
+/// MI x JB vector accumulators, reduced once at the end.
+template <int MI, int JB, class Load>
+TRIDENT_ALWAYS_INLINE void dot_tile(const float* x, index_t ldx, index_t k, index_t group, Load&& load, float* y,
+                                    index_t ldy, index_t j0, index_t nj, const gemm_epilogue& ep) noexcept {
+  __m512 acc[MI][JB];
+  TRIDENT_UNROLL(4)
+  for (int i = 0; i < MI; ++i) {
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) acc[i][jj] = _mm512_setzero_ps();
+  }
+  for (index_t g0 = 0, g = 0; g0 < k; g0 += group, ++g) {
+    auto rows = load.group(g);  // per-row constants of this group (scales / int4 tables)
+    for (index_t p = g0; p < g0 + group; p += 16) {
+      __m512 wv[JB];
+      TRIDENT_UNROLL(8)
+      for (int jj = 0; jj < JB; ++jj) wv[jj] = load(rows, jj, p);
+      TRIDENT_UNROLL(4)
+      for (int i = 0; i < MI; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * ldx + p);
+        TRIDENT_UNROLL(8)
+        for (int jj = 0; jj < JB; ++jj) acc[i][jj] = _mm512_fmadd_ps(xv, wv[jj], acc[i][jj]);
+      }
+    }
+  }
+  TRIDENT_UNROLL(4)
+  for (int i = 0; i < MI; ++i) {
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) {
+      if (jj < nj) store_dot(y + i * ldy + j0 + jj, _mm512_reduce_add_ps(acc[i][jj]), j0 + jj, ep);
+    }
+  }
+}
+
+/// Reads a tile's rows of W straight from the packed values, dequantising in registers.
+template <int Bits, int JB>
+struct packed_rows {
+  const groupwise_b<Bits>& w;
+  const std::uint8_t* row[JB];  ///< packed row of each tile row
+  const float* scale[JB];       ///< scales of each tile row
+
+  packed_rows(const groupwise_b<Bits>& wb, index_t j0, index_t nj) noexcept : w(wb) {
+    for (int jj = 0; jj < JB; ++jj) {
+      const index_t j = j0 + std::min<index_t>(jj, nj - 1);
+      row[jj] = w.data + j * w.row_bytes();
+      scale[jj] = w.scales + j * w.groups();
+    }
+  }
+  struct group_consts {
+    __m512 v[JB];  ///< int8: the scale broadcast; int4: the table level * scale
+  };
+  TRIDENT_ALWAYS_INLINE group_consts group(index_t g) const noexcept {
+    group_consts c;
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) {
+      const __m512 s = _mm512_set1_ps(scale[jj][g]);
+      c.v[jj] = Bits == 8 ? s : _mm512_mul_ps(int4_levels(), s);
+    }
+    return c;
+  }
+  TRIDENT_ALWAYS_INLINE __m512 operator()(const group_consts& c, int jj, index_t p) const noexcept {
+    if constexpr (Bits == 8) {
+      return dequant16_int8(row[jj] + p, c.v[jj]);
+    } else {
+      return dequant16_int4(row[jj] + p / 2, c.v[jj]);
+    }
+  }
+};
+
+/// Reads a tile's rows of W from an fp32 buffer (JB rows of k, dequantised beforehand).
+template <int JB>
+struct buffer_rows {
+  const float* buf;
+  index_t k;
+  struct group_consts {};
+  TRIDENT_ALWAYS_INLINE group_consts group(index_t) const noexcept { return {}; }
+  TRIDENT_ALWAYS_INLINE __m512 operator()(const group_consts&, int jj, index_t p) const noexcept {
+    return _mm512_loadu_ps(buf + jj * k + p);
+  }
+};
+
+/// Runs dot_tile for `mi` (1..4) rows of X.
+template <int JB, class Load>
+TRIDENT_ALWAYS_INLINE void dot_tile_rows(index_t mi, const float* x, index_t ldx, index_t k, index_t group,
+                                         const Load& load, float* y, index_t ldy, index_t j0, index_t nj,
+                                         const gemm_epilogue& ep) noexcept {
+  switch (mi) {
+    case 1: dot_tile<1, JB>(x, ldx, k, group, load, y, ldy, j0, nj, ep); break;
+    case 2: dot_tile<2, JB>(x, ldx, k, group, load, y, ldy, j0, nj, ep); break;
+    case 3: dot_tile<3, JB>(x, ldx, k, group, load, y, ldy, j0, nj, ep); break;
+    default: dot_tile<4, JB>(x, ldx, k, group, load, y, ldy, j0, nj, ep); break;
+  }
+}
+#endif
+
+/// The direct kernel on rows [j0, j1) of W: Y(i, j) = act(sum_p X(i, p) W(j, p) + bias[j]).
+/// Up to 4 rows of X: W is dequantised in registers as it streams by. More: each block of
+/// small_jb rows of W is dequantised once into `buf` (small_jb x k floats, L1/L2) and every
+/// 4 rows of X are dotted with it.
+template <int Bits>
+inline void weight_only_small_rows(const float* x, index_t m, index_t ldx, const groupwise_b<Bits>& w, float* y,
+                                   index_t ldy, const gemm_epilogue& ep, index_t j0, index_t j1, float* buf) {
+#if defined(TRIDENT_HAS_AVX512)
+  if (w.group % 16 == 0) {
+    constexpr int JB = static_cast<int>(small_jb);
+    const index_t k = w.k;
+    for (index_t jb = j0; jb < j1; jb += JB) {
+      const index_t nj = std::min<index_t>(JB, j1 - jb);
+      const packed_rows<Bits, JB> packed(w, jb, nj);
+      if (m <= 4) {
+        dot_tile_rows<JB>(m, x, ldx, k, w.group, packed, y, ldy, jb, nj, ep);
+        continue;
+      }
+      for (index_t g0 = 0, g = 0; g0 < k; g0 += w.group, ++g) {
+        const auto c = packed.group(g);
+        for (index_t p = g0; p < g0 + w.group; p += 16) {
+          TRIDENT_UNROLL(8)
+          for (int jj = 0; jj < JB; ++jj) _mm512_storeu_ps(buf + jj * k + p, packed(c, jj, p));
+        }
+      }
+      const buffer_rows<JB> rows{buf, k};
+      for (index_t i = 0; i < m; i += 4) {
+        dot_tile_rows<JB>(std::min<index_t>(4, m - i), x + i * ldx, ldx, k, w.group, rows, y + i * ldy, ldy, jb, nj,
+                          ep);
+      }
+    }
+    return;
+  }
+#endif
+  small_rows_scalar(x, m, ldx, w, y, ldy, ep, j0, j1, buf);
+}
+
 }  // namespace detail
+
+/// The implementations of weight_only_gemm, reachable one by one for tests and benchmarks.
+/// Each computes Y (m x n, ldy) = act(X (m x k, ldx) W^T + bias) for m >= 1, n >= 1, k >= 1.
+namespace weight_only_paths {
+
+/// The direct kernel (see the file comment), W's rows split across `threads` threads.
+template <int Bits>
+void direct(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bits>& w, float* y, index_t ldy,
+            const gemm_epilogue& ep, int threads) {
+  const index_t blocks = detail::ceil_div(w.n, detail::small_jb);
+  detail::run_parallel(threads, [&](int tid, int nt, std::int64_t*) {
+    float* buf = static_cast<float*>(
+        detail::thread_workspace(2).get(static_cast<std::size_t>(detail::small_jb * w.k) * sizeof(float)));
+    index_t b0, b1;
+    detail::split_range(blocks, 1, nt, tid, b0, b1);
+    if (b0 < b1) {
+      detail::weight_only_small_rows(x, m, ldx, w, y, ldy, ep, b0 * detail::small_jb,
+                                     std::min(w.n, b1 * detail::small_jb), buf);
+    }
+  });
+}
+
+/// The blocked fp32 GEMM (micro-kernel chosen as gemm_f32_auto does) with B = W^T packed by
+/// the dequantising pack_b_panels.
+template <int Bits>
+void blocked(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bits>& w, float* y, index_t ldy,
+             const gemm_epilogue& ep, int threads) {
+  const index_t n = w.n, k = w.k;
+#if defined(TRIDENT_HAS_AVX512)
+  if (detail::round_up(n, 64) * 10 > detail::round_up(n, 32) * 11) {
+    detail::gemm_blocked<kernel_avx512_f32_narrow>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep,
+                                                   threads);
+    return;
+  }
+#endif
+  detail::gemm_blocked<default_f32_kernel>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep, threads);
+}
+
+/// The blocked GEMM computed transposed, Y^T = W X^T, into a scratch stored transposed into Y
+/// with the epilogue (as the fp32 GEMM does where detail::transposed_pays): W is the A
+/// operand, dequantised by pack_a_panel, and the shared packed panel is X^T.
+template <int Bits>
+void blocked_transposed(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bits>& w, float* y,
+                        index_t ldy, const gemm_epilogue& ep, int threads) {
+  const index_t n = w.n, k = w.k;
+  float* t = static_cast<float*>(detail::transposed_c_workspace().get(static_cast<std::size_t>(m * n) * sizeof(float)));
+#if defined(TRIDENT_HAS_AVX512)
+  if (detail::round_up(m, 64) * 10 > detail::round_up(m, 32) * 11) {
+    detail::gemm_blocked<kernel_avx512_f32_narrow>(false, true, n, m, k, 1.0f, &w, 0, x, ldx, 0.0f, t, m, {}, threads);
+  } else {
+    detail::gemm_blocked<default_f32_kernel>(false, true, n, m, k, 1.0f, &w, 0, x, ldx, 0.0f, t, m, {}, threads);
+  }
+#else
+  detail::gemm_blocked<default_f32_kernel>(false, true, n, m, k, 1.0f, &w, 0, x, ldx, 0.0f, t, m, {}, threads);
+#endif
+  detail::store_transposed(m, n, t, 0.0f, y, ldy, ep);
+}
+
+}  // namespace weight_only_paths
 
 /// Y (m x n, ldy) = act(X (m x k, ldx) W^T + bias): see the file comment. Threads with OpenMP
 /// like the fp32 GEMM (single-threaded inside a parallel region).
@@ -228,34 +458,17 @@ void weight_only_gemm(const float* x, index_t m, index_t ldx, const detail::grou
   }
   const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   if (m <= detail::small_m_max) {
-    // Memory bound: split the rows of W across the threads (bytes of W, not flops, decide).
+    // Memory bound: the bytes of W, not the flops, say whether a second thread pays.
     const double bytes = static_cast<double>(n) * static_cast<double>(w.row_bytes());
-    const int threads = detail::gemm_threads(std::max(flops, bytes * 64.0));
-    const index_t blocks = detail::ceil_div(n, detail::small_jb);
-    detail::run_parallel(threads, [&](int tid, int nt, std::int64_t*) {
-      float* buf = static_cast<float*>(
-          detail::thread_workspace(2).get(static_cast<std::size_t>(detail::small_jb * k) * sizeof(float)));
-      index_t b0, b1;
-      detail::split_range(blocks, 1, nt, tid, b0, b1);
-      detail::weight_only_small_rows(x, m, ldx, w, y, ldy, ep, b0 * detail::small_jb,
-                                     std::min(n, b1 * detail::small_jb), buf);
-    });
+    weight_only_paths::direct(x, m, ldx, w, y, ldy, ep, detail::gemm_threads(std::max(flops, bytes * 64.0)));
     return;
   }
   const int threads = detail::gemm_threads(flops);
-#if defined(TRIDENT_HAS_AVX512)
-  if (detail::round_up(n, 64) * 10 > detail::round_up(n, 32) * 11) {
-    detail::gemm_blocked<kernel_avx512_f32_narrow>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep,
-                                                   threads);
-    return;
+  if (detail::transposed_pays(m, n, k)) {
+    weight_only_paths::blocked_transposed(x, m, ldx, w, y, ldy, ep, threads);
+  } else {
+    weight_only_paths::blocked(x, m, ldx, w, y, ldy, ep, threads);
   }
-  detail::gemm_blocked<kernel_avx512_f32>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep, threads);
-#elif defined(TRIDENT_HAS_AVX2)
-  detail::gemm_blocked<kernel_avx2_f32>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep, threads);
-#else
-  detail::gemm_blocked<kernel_scalar<float, 4, 16>>(false, true, m, n, k, 1.0f, x, ldx, &w, 0, 0.0f, y, ldy, ep,
-                                                    threads);
-#endif
 }
 
 }  // namespace trident::cpu_kernels
