@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <trident/backend/cpu/device.hpp>
 #include <trident/quant/packed_int8.hpp>
 
 namespace {
@@ -566,4 +567,37 @@ TEST_CASE("dynamic_int8_linear: bad input") {
   q::int8_epilogue e;  // no a_scale
   std::vector<std::uint8_t> a(8, 1);
   CHECK_THROWS_AS(q::int8_linear(a.data(), 2, 4, w, y.data(), 3, e), trident::error);
+}
+
+TEST_CASE("tensor-view forms: packed_int8_weight::quantize and dynamic_int8_linear") {
+  const index_t m = 5, n = 24, k = 40, ldx = 48;
+  std::mt19937 gen(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto wt = trident::tensor<float>::uninitialized({n, k});
+  auto bias = trident::tensor<float>::uninitialized({n});
+  std::vector<float> xbuf(static_cast<std::size_t>(m * ldx));
+  for (index_t i = 0; i < n * k; ++i) wt.data()[i] = nd(gen);
+  for (index_t i = 0; i < n; ++i) bias.data()[i] = nd(gen);
+  for (auto& v : xbuf) v = nd(gen);
+  const auto w1 = q::packed_int8_weight::quantize(wt);
+  const auto w2 = q::packed_int8_weight::quantize(wt.data(), n, k, k);
+  for (index_t j = 0; j < n; ++j) {
+    CHECK(w1.scales()[static_cast<std::size_t>(j)] == w2.scales()[static_cast<std::size_t>(j)]);
+    for (index_t p = 0; p < k; ++p) REQUIRE(w1.value(j, p) == w2.value(j, p));
+  }
+  // x: a view with a row stride wider than its rows.
+  const trident::tensor_view<const float> x(xbuf.data(), trident::layout(trident::shape{m, k}, trident::strides{ldx, 1}));
+  auto y = trident::tensor<float>::uninitialized({m, n});
+  std::vector<float> y2(static_cast<std::size_t>(m * n));
+  for (const auto g : {q::granularity::per_tensor, q::granularity::per_row}) {
+    q::dynamic_int8_linear(x, w1, y, bias, activation::relu, g);
+    q::dynamic_int8_linear(xbuf.data(), m, ldx, w2, y2.data(), n, bias.data(), activation::relu, g);
+    for (index_t i = 0; i < m * n; ++i) REQUIRE(y.data()[i] == y2[static_cast<std::size_t>(i)]);
+  }
+  auto y_bad = trident::tensor<float>::uninitialized({m, n + 1});
+  CHECK_THROWS_AS(q::dynamic_int8_linear(x, w1, y_bad), trident::shape_error);
+  auto b_bad = trident::tensor<float>::uninitialized({n - 1});
+  CHECK_THROWS_AS(q::dynamic_int8_linear(x, w1, y, b_bad), trident::shape_error);
+  const trident::tensor_view<const float> col_major(wt.data(), trident::layout(trident::shape{k, n}, trident::strides{1, k}));
+  CHECK_THROWS_AS(q::packed_int8_weight::quantize(col_major), trident::shape_error);
 }

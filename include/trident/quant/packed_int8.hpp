@@ -22,6 +22,7 @@
 #include "../config.hpp"
 #include "../core/activation.hpp"
 #include "../core/error.hpp"
+#include "../core/tensor.hpp"
 #include "onnx.hpp"
 
 namespace trident::quant {
@@ -67,6 +68,15 @@ class packed_int8_weight {
       }
     }
     return packed_int8_weight(q.data(), scales.data(), out, in);
+  }
+
+  /// quantize() of a CPU fp32 matrix view (out × in, unit column stride), e.g. a linear
+  /// layer's weight parameter.
+  static packed_int8_weight quantize(tensor_view<const float> w, const std::string& name = "weight") {
+    if (w.rank() != 2 || (w.size(1) > 1 && w.stride(1) != 1)) {
+      throw shape_error("packed_int8_weight::quantize('" + name + "'): needs a 2-d row-major view, got " + w.layout().str());
+    }
+    return quantize(w.data(), w.size(0), w.size(1), w.size(0) > 1 ? w.stride(0) : w.size(1), name);
   }
 
   /// From int8 values already quantized (out × in row-major) and their per-channel scales
@@ -257,6 +267,39 @@ inline void dynamic_int8_linear(const float* x, index_t m, index_t ldx, const pa
                                           act, g == granularity::per_row)) {
     detail::throw_nonfinite("activation", x, m, w.in(), ldx);
   }
+}
+
+namespace detail {
+/// Data and leading dimension of a 2-d row-major CPU view (unit column stride).
+template <class T>
+inline index_t leading_dim(const tensor_view<T>& v, const char* fn, const char* what) {
+  if (v.rank() != 2 || (v.size(1) > 1 && v.stride(1) != 1)) {
+    throw shape_error(std::string(fn) + ": " + what + " must be a 2-d row-major view, got " + v.layout().str());
+  }
+  return v.size(0) > 1 ? v.stride(0) : v.size(1);
+}
+}  // namespace detail
+
+/// dynamic_int8_linear on tensor views: x (m × w.in()) and y (m × w.out()), 2-d row-major
+/// fp32 on the CPU (unit column stride, any row stride); bias: (w.out()) contiguous, or empty.
+inline void dynamic_int8_linear(tensor_view<const float> x, const packed_int8_weight& w, tensor_view<float> y,
+                                tensor_view<const float> bias = {}, activation act = activation::none,
+                                granularity g = granularity::per_tensor) {
+  const index_t ldx = detail::leading_dim(x, "dynamic_int8_linear", "x");
+  const index_t ldy = detail::leading_dim(y, "dynamic_int8_linear", "y");
+  if (x.size(1) != w.in() || y.size(0) != x.size(0) || y.size(1) != w.out()) {
+    throw shape_error("dynamic_int8_linear: x " + x.shape().str() + " times the (" + std::to_string(w.out()) + " x " +
+                      std::to_string(w.in()) + ") weight does not give y " + y.shape().str());
+  }
+  const float* b = nullptr;
+  if (bias.data() != nullptr) {
+    if (bias.rank() != 1 || bias.size(0) != w.out() || !bias.is_contiguous()) {
+      throw shape_error("dynamic_int8_linear: bias " + bias.shape().str() + " must be a contiguous (" +
+                        std::to_string(w.out()) + ")");
+    }
+    b = bias.data();
+  }
+  dynamic_int8_linear(x.data(), x.size(0), ldx, w, y.data(), ldy, b, act, g);
 }
 
 }  // namespace trident::quant
