@@ -1011,3 +1011,28 @@ TEST_CASE("quantized_gpt: a GPT trained here, its projections in int8 (dynamic p
   CHECK(q.mlp_proj(1).in_features() == 4 * cfg.n_embd);
   CHECK_THROWS_AS(q.logits(ctx, std::span<const std::int32_t>(x.data(), 33), 1), shape_error);  // 33 > block 32
 }
+
+TEST_CASE("convert: nested sequentials convert module by module; parameterless modules are kept") {
+  nn::parameter_store<fp32p> store;
+  using inner = nn::sequential<fp32p, nn::linear<fp32p>, nn::relu<fp32p>>;
+  nn::sequential<fp32p, nn::linear<fp32p>, nn::relu<fp32p>, inner> net(
+      nn::linear<fp32p>(store, "a", 64, 32), nn::relu<fp32p>(), inner(nn::linear<fp32p>(store, "b", 32, 8), nn::relu<fp32p>()));
+  store.allocate();
+  generator g(6);
+  net.init(g);
+  using Q = quant::qlinear<fp32p, quant::weight_only<std::int8_t, 32>>;
+  auto q = quant::convert<quant::weight_only<std::int8_t, 32>>(net, store);
+  static_assert(std::is_same_v<decltype(q), nn::sequential<fp32p, Q, nn::relu<fp32p>, nn::sequential<fp32p, Q, nn::relu<fp32p>>>>);
+  CHECK(q.get<2>().get<0>().name() == "b");
+  tensor<float> x({3, 64});
+  uniform(x, g, -1.0, 1.0);
+  nn::arena<cpu> memory;
+  nn::context<fp32p> ctx{memory, false, nullptr};
+  auto y32 = net.forward(ctx, x.view().as_const());
+  auto yq = q.forward(ctx, x.view().as_const());
+  for (index_t i = 0; i < 3 * 8; ++i) {
+    CHECK(yq.data()[i] >= 0.0f);  // the inner ReLU ran
+    CHECK(yq.data()[i] == doctest::Approx(y32.data()[i]).epsilon(0.02).scale(0.5));
+  }
+  CHECK(q.flops() == net.flops());
+}

@@ -23,7 +23,8 @@
 /// The observer updates during the first `freeze_observer_after` training forwards and is
 /// frozen from then on (PyTorch's disable_observer after a set number of steps), so that the
 /// last part of training adapts the weights to the parameters the converted model will use.
-/// Eval forwards neither update the observer nor count as steps. The layer declares
+/// Eval forwards neither update the observer nor count as steps. (percentile_observer keeps
+/// every value it sees until it is frozen: with it, keep freeze_observer_after small.) The layer declares
 /// `name.weight` and `name.bias` exactly as nn::linear does, so a trained fp32 model's weights
 /// load into it by name (nn::load_weights, quant::copy_parameters) for QAT fine-tuning.
 ///
