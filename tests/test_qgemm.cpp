@@ -284,7 +284,7 @@ void check_quantized_row(const float* x, index_t n, float scale, int zero, const
     const double r = double(x[p]) / double(scale);
     const double want = std::clamp(rint_even(r) + zero, 0.0, 255.0);
     if (near_tie(r)) {
-      CHECK(std::fabs(double(qrow[p]) - (r + zero)) <= 0.5 + 1e-6);
+      CHECK(std::fabs(double(qrow[p]) - std::clamp(r + zero, 0.0, 255.0)) <= 0.5 + 1e-6);
     } else if (double(qrow[p]) != want) {
       FAIL_CHECK(what << " element " << p << ": x = " << x[p] << ", q = " << int(qrow[p]) << ", want " << want);
       return;
@@ -600,4 +600,31 @@ TEST_CASE("tensor-view forms: packed_int8_weight::quantize and dynamic_int8_line
   CHECK_THROWS_AS(q::dynamic_int8_linear(x, w1, y, b_bad), trident::shape_error);
   const trident::tensor_view<const float> col_major(wt.data(), trident::layout(trident::shape{k, n}, trident::strides{1, k}));
   CHECK_THROWS_AS(q::packed_int8_weight::quantize(col_major), trident::shape_error);
+}
+
+TEST_CASE("quantize_static_u8: ONNX QuantizeLinear with given parameters, and its checks") {
+  const index_t m = 3, k = 21, ldx = 25, ldq = 22;
+  std::vector<float> x(static_cast<std::size_t>(m * ldx), 0.0f);
+  std::mt19937 gen(4);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  for (auto& v : x) v = u(gen);
+  x[0] = 0.075f;    // near the tie 2.5 of x / scale
+  x[1] = 1e9f;      // saturates at 255
+  x[2] = -1e9f;     // saturates at 0
+  const float scale = 0.03f;
+  const std::int32_t zero = 100;
+  std::vector<std::uint8_t> qv(static_cast<std::size_t>(m * ldq), 9);
+  q::quantize_static_u8(x.data(), m, k, ldx, scale, zero, qv.data(), ldq, "fc1 input");
+  for (index_t i = 0; i < m; ++i) {
+    check_quantized_row(&x[static_cast<std::size_t>(i * ldx)], k, scale, zero, &qv[static_cast<std::size_t>(i * ldq)],
+                        "row " + std::to_string(i));
+    CHECK(qv[static_cast<std::size_t>(i * ldq + k)] == 9);
+  }
+  CHECK(qv[1] == 255);
+  CHECK(qv[2] == 0);
+  CHECK_THROWS_AS(q::quantize_static_u8(x.data(), m, k, ldx, 0.0f, zero, qv.data(), ldq), q::quantization_error);
+  CHECK_THROWS_AS(q::quantize_static_u8(x.data(), m, k, ldx, scale, 256, qv.data(), ldq), q::quantization_error);
+  x[static_cast<std::size_t>(ldx + 3)] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(q::quantize_static_u8(x.data(), m, k, ldx, scale, zero, qv.data(), ldq, "fc1 input"),
+                       "quantize 'fc1 input': element 24 is NaN, which has no quantized value", q::quantization_error);
 }

@@ -203,6 +203,27 @@ inline void quantize_dynamic_u8(const float* x, index_t m, index_t k, index_t ld
   }
 }
 
+/// Static quantization of activations with given parameters (a calibrated scale and zero
+/// point): q = ONNX QuantizeLinear(x, scale, zero_point) as uint8, bit for bit (vectorised).
+/// x is m × k (leading dimension ldx), q m × k (leading dimension ldq). NaN/Inf are rejected
+/// with quantization_error naming `name` and the element; so are a scale that is not finite
+/// and positive and a zero point outside [0, 255].
+inline void quantize_static_u8(const float* x, index_t m, index_t k, index_t ldx, float scale, std::int32_t zero_point,
+                               std::uint8_t* q, index_t ldq, const std::string& name = "activation") {
+  namespace qk = cpu_kernels::qgemm;
+  detail::check_matrix("quantize_static_u8", "x", m, k, ldx);
+  detail::check_matrix("quantize_static_u8", "q", m, k, ldq);
+  check_scale(scale, name);
+  if (zero_point < 0 || zero_point > 255) {
+    throw quantization_error("quantize '" + name + "': the uint8 zero point must be in [0, 255], got " +
+                             std::to_string(zero_point));
+  }
+  for (index_t i = 0; i < m; ++i) {
+    if (!qk::range_of(x + i * ldx, k).finite) detail::throw_nonfinite(name.c_str(), x, m, k, ldx);
+  }
+  for (index_t i = 0; i < m; ++i) qk::quantize_row_u8(x + i * ldx, k, scale, zero_point, q + i * ldq);
+}
+
 /// The exact int32 product c (m × n) = a (m × k uint8) · Wᵀ, n = w.out(), k = w.in().
 inline void int8_gemm(const std::uint8_t* a, index_t m, index_t lda, const packed_int8_weight& w, std::int32_t* c,
                       index_t ldc) {
