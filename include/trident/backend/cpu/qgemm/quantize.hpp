@@ -85,8 +85,9 @@ inline void quantize_row_u8(const float* x, index_t n, float scale, std::int32_t
   const __m512 s = _mm512_set1_ps(scale), inv = _mm512_set1_ps(inv_s), z = _mm512_set1_ps(static_cast<float>(zero));
   const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.0f), half = _mm512_set1_ps(0.5f);
   const __m512 rel = _mm512_set1_ps(0x1p-20f);
-  for (; p + 16 <= n; p += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + p);
+  // x / scale rounded to an integer, plus the zero point, clamped to [0, 255], as int32.
+  auto lanes = [&](const float* xp) {
+    const __m512 xv = _mm512_loadu_ps(xp);
     __m512 t;
     if (use_inv) {
       t = _mm512_mul_ps(xv, inv);
@@ -97,9 +98,18 @@ inline void quantize_row_u8(const float* x, index_t n, float scale, std::int32_t
       t = _mm512_div_ps(xv, s);
     }
     // Ties to even, then the zero point and saturation: exactly quant::quantize_value.
-    __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), lo), hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + p), _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(r)));
+    const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), lo), hi));
+  };
+  // 64 at a time: two saturating packs and a dword transpose put the bytes in order.
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  for (; p + 64 <= n; p += 64) {
+    const __m512i ab = _mm512_packs_epi32(lanes(x + p), lanes(x + p + 16));
+    const __m512i cd = _mm512_packs_epi32(lanes(x + p + 32), lanes(x + p + 48));
+    _mm512_storeu_si512(reinterpret_cast<void*>(q + p), _mm512_permutexvar_epi32(order, _mm512_packus_epi16(ab, cd)));
+  }
+  for (; p + 16 <= n; p += 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + p), _mm512_cvtusepi32_epi8(lanes(x + p)));
   }
 #endif
   for (; p < n; ++p) q[p] = static_cast<std::uint8_t>(quant::quantize_value<std::uint8_t>(x[p], scale, zero));
