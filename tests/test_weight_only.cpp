@@ -262,7 +262,7 @@ std::vector<double> reference_linear(const std::vector<float>& x, index_t m, ind
 }
 
 // Runs y = act(x W^T + bias) through the public entry (path < 0) or one path explicitly:
-// 0 direct, 1 blocked, 2 blocked transposed, on `threads` threads.
+// 0 direct, 1 blocked, 2 blocked transposed, 3 streamed, on `threads` threads.
 template <class Q>
 void run_linear(int path, int threads, const float* x, index_t m, index_t ldx, const quant::groupwise_weight<Q>& w,
                 float* y, index_t ldy, const float* bias, activation act) {
@@ -272,6 +272,7 @@ void run_linear(int path, int threads, const float* x, index_t m, index_t ldx, c
     case 0: wp::direct(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
     case 1: wp::blocked(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
     case 2: wp::blocked_transposed(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
+    case 3: wp::streamed(x, m, ldx, w.kernel_view(), y, ldy, ep, threads); break;
     default: quant::weight_only_linear(x, m, ldx, w, y, ldy, bias, act); break;
   }
 }
@@ -338,9 +339,10 @@ TEST_CASE("weight_only_linear matches a double GEMM of the dequantised weights")
     check_linear<int4_t>(2, 50, 72, 6, false, none, 206);
   }
   SUBCASE("through the public entry's thresholds: the last direct m and the first blocked one") {
-    check_linear<std::int8_t>(32, 70, 128, 32, true, relu, 107);
-    check_linear<int4_t>(33, 70, 128, 32, true, relu, 207);
-    check_linear<int4_t>(96, 512, 512, 128, true, relu, 208);  // computed transposed when threaded
+    check_linear<std::int8_t>(32, 70, 128, 32, true, relu, 107);   // direct
+    check_linear<int4_t>(33, 70, 128, 32, true, relu, 207);        // streamed
+    check_linear<int4_t>(257, 96, 256, 128, true, relu, 208);      // blocked
+    check_linear<std::int8_t>(256, 520, 4160, 32, false, none, 108);  // blocked (m k > 2^20), transposed when threaded
   }
   SUBCASE("m = 0 writes nothing; bad strides are rejected") {
     const auto wf = random_weights(8 * 32, 7);
@@ -354,9 +356,9 @@ TEST_CASE("weight_only_linear matches a double GEMM of the dequantised weights")
   }
 }
 
-TEST_CASE("weight_only_linear: every path (direct, blocked, blocked transposed) on 1 and 2 threads") {
+TEST_CASE("weight_only_linear: every path (direct, blocked, blocked transposed, streamed) on 1 and 2 threads") {
   for (int threads : {1, 2}) {
-    for (int path : {0, 1, 2}) {
+    for (int path : {0, 1, 2, 3}) {
       check_linear<std::int8_t>(5, 70, 256, 32, true, activation::relu, 300, path, threads);
       check_linear<std::int8_t>(64, 130, 512, 128, true, activation::none, 301, path, threads);
       check_linear<int4_t>(3, 70, 256, 128, true, activation::relu, 302, path, threads);

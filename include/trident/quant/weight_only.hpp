@@ -264,10 +264,11 @@ class groupwise_weight {
   std::vector<float> scales_;
 };
 
-/// y (m x out, ldy) = act(x (m x in, ldx) W^T + bias): the dequantising GEMM. W is
-/// dequantised a panel at a time into the packed layout of the fp32 GEMM's micro-kernels
-/// (many rows of x), or a few rows at a time into L1 (m <= 16, memory bound); never whole.
-/// bias (length out) may be null. y must not overlap x.
+/// y (m x out, ldy) = act(x (m x in, ldx) W^T + bias): the dequantising GEMM, in fp32 with the
+/// fp32 GEMM's micro-kernels. W is dequantised a micro-panel at a time into their packed
+/// layout (m > 32), or a few rows at a time in registers or L1 (m <= 32, memory bound);
+/// never as a whole (backend/cpu/qgemm_weight_only.hpp). bias (length out) may be null; y
+/// must not overlap x. Threads with OpenMP like the fp32 GEMM.
 template <class Q>
 void weight_only_linear(const float* x, index_t m, index_t ldx, const groupwise_weight<Q>& w, float* y, index_t ldy,
                         const float* bias = nullptr, activation act = activation::none) {

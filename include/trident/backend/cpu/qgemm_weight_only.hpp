@@ -2,28 +2,35 @@
 /// @file qgemm_weight_only.hpp
 /// The dequantising GEMM of weight-only quantization: Y (m x n) = act(X (m x k) W^T + bias),
 /// X in fp32, W (n x k) stored as int8 or int4 with one fp32 scale per group of `group`
-/// consecutive k of a row. W is never dequantised as a whole:
+/// consecutive k of a row. W is never dequantised as a whole. Three ways, by the rows of X:
 ///
-/// - Many rows of X (m > small_m_max): the blocked fp32 GEMM of gemm/blocked.hpp runs
-///   unchanged, with its micro-kernels and blocking; only the packing of W differs. W is
-///   described by a `groupwise_b<Bits>` and gemm_blocked's calls pack_b_panels<P, NR, KG>(b, ...)
-///   and pack_a_panel<P, MR, KG>(a, ...) find the overloads below by argument-dependent
-///   lookup (groupwise_b lives in the same namespace), which dequantise each micro-panel of W
-///   straight into the fp32 packed layout (q * scale; 16 x 16 blocks converted and transposed
-///   in registers). W is B (Y = X W^T), or A where the fp32 GEMM would compute transposed
-///   (Y^T = W X^T: few rows, many columns, threaded; see detail::transposed_pays). The weight
-///   bytes read are 1/4 (int8) or 1/8 (int4) of fp32's; the packed panels are the same.
-/// - Few rows (m <= small_m_max: decoding, small batches, memory bound): a direct kernel
-///   that reads each byte of W once, with no packing. Tiles of up to 4 rows of X x 4 rows of
-///   W accumulate dot products along k in 16 vector registers, reduced once at the end; W
-///   is dequantised in registers as it streams by (m <= 4) or, for more rows, 4 rows at a
+/// - Few rows (m <= small_m_max = 32: decoding, small batches; memory bound): the direct
+///   kernel reads each byte of W once, with no packing. Tiles of up to 4 rows of X x 4 rows
+///   of W accumulate dot products along k in 16 vector registers, reduced once at the end;
+///   W is dequantised in registers as it streams by (m <= 4) or, for more rows, 4 rows at a
 ///   time into an L1/L2 buffer that every 4 rows of X then read.
+/// - Up to 256 rows (and m k <= 2^20): the streamed GEMM. X is packed once for the fp32
+///   micro-kernel (kernel_avx512_f32 and its narrow variant, the fp32 GEMM's own); W goes a
+///   micro-panel (NR rows x one K block) at a time through a per-thread buffer, dequantised
+///   straight into the packed layout and consumed at once by every row tile of X. Each
+///   weight is read and dequantised once; no packed copy of W reaches memory.
+/// - More rows: the blocked fp32 GEMM of gemm/blocked.hpp, unchanged: its micro-kernels,
+///   blocking and threading, with only the packing of W replaced. W is described by a
+///   `groupwise_b<Bits>`, and gemm_blocked's calls pack_b_panels<P, NR, KG>(b, ...) and
+///   pack_a_panel<P, MR, KG>(a, ...) find the overloads below by argument-dependent lookup
+///   (groupwise_b lives in the same namespace), which dequantise micro-panels of W straight
+///   into the fp32 packed layout (16 x 16 blocks converted and transposed in registers). W is
+///   B (Y = X W^T), or A where the fp32 GEMM computes transposed (Y^T = W X^T; see
+///   detail::transposed_pays).
 ///
-/// int8 values are widened and scaled (q * s, exact: |q| <= 128 has 8 significant bits, so
-/// q * s is the correctly rounded product the reference forms); int4 values pass through a
-/// 16-entry table of level * s per (row, group), indexed by the nibbles (VPERMPS).
+/// Every path reads 1/4 (int8) or 1/8 (int4) of fp32's weight bytes and multiplies in fp32.
+/// int8 values are widened and scaled (q * s in fp32); int4 values pass through a 16-entry
+/// table of level * s per (row, group), indexed by the nibbles (VPERMPS). Either way each
+/// dequantised weight is the fp32 product value * scale, bit for bit what the dequantised
+/// view (quant/weight_only.hpp) gives.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -384,6 +391,64 @@ inline void weight_only_small_rows(const float* x, index_t m, index_t ldx, const
   small_rows_scalar(x, m, ldx, w, y, ldy, ep, j0, j1, buf);
 }
 
+/// The streamed GEMM: the register-blocked micro-kernel `Kernel` over the whole of X (packed
+/// once, m x k floats, shared by the threads) against W one micro-panel (NR rows of W x one
+/// K block) at a time: each panel is dequantised into a per-thread buffer (L1/L2) and used at
+/// once by every row tile of X, so W is read and dequantised exactly once and no packed copy
+/// of it ever reaches memory. The packing of X and then the panels are handed out to the
+/// threads through the atomic counters of run_panel (blocked.hpp).
+template <class Kernel, int Bits>
+void weight_only_streamed(const float* x, index_t m, index_t ldx, const groupwise_b<Bits>& w, float* y, index_t ldy,
+                          const gemm_epilogue& ep, int threads) {
+  static_assert(Kernel::kg == 1, "weight_only_streamed: fp32 micro-kernels only");
+  constexpr index_t MR = Kernel::mr, NR = Kernel::nr;
+  const index_t n = w.n, k = w.k;
+  const index_t kblocks = ceil_div(k, Kernel::kc_blk);
+  const index_t kc_max = round_up(ceil_div(k, kblocks), 16);
+  const index_t mtiles = ceil_div(m, MR);
+  const index_t panels = ceil_div(n, NR);
+  // Packed X: [K block][row tile][kc_max x MR], in the calling thread's workspace.
+  float* abuf = static_cast<float*>(
+      thread_workspace(1).get(static_cast<std::size_t>(kblocks * mtiles * MR * kc_max) * sizeof(float)));
+  auto pack_a = [&](index_t u0, index_t u1) {
+    for (index_t u = u0; u < u1; ++u) {
+      const index_t kb = u / mtiles, t = u % mtiles;
+      const index_t pc = kb * kc_max, kc = std::min(kc_max, k - pc);
+      pack_a_panel<float, static_cast<int>(MR), 1>(x, false, ldx, t * MR, std::min(MR, m - t * MR), pc, kc,
+                                                   abuf + u * MR * kc_max);
+    }
+  };
+  panel_sync sync;
+  run_parallel(threads, [&](int, int nt, std::int64_t* waited) {
+    float* bbuf = static_cast<float*>(thread_workspace(0).get(static_cast<std::size_t>(NR * kc_max) * sizeof(float)));
+    tile_store<float> ts;
+    ts.act = ep.act;
+    auto compute = [&](index_t p) {
+      const index_t j0 = p * NR, nr = std::min(NR, n - j0);
+      ts.bias = ep.bias != nullptr ? ep.bias + j0 : nullptr;
+      for (index_t kb = 0; kb < kblocks; ++kb) {
+        const index_t pc = kb * kc_max, kc = std::min(kc_max, k - pc);
+        pack_b_panels<float, static_cast<int>(NR), 1>(&w, true, 0, j0, n, 1, pc, kc, kc, bbuf);
+        ts.first = kb == 0;
+        ts.last = kb + 1 == kblocks;
+        const float* ak = abuf + kb * mtiles * MR * kc_max;
+        for (index_t t = 0; t < mtiles; ++t) {
+          Kernel::run(kc, ak + t * MR * kc_max, bbuf, y + t * MR * ldy + j0, ldy, std::min(MR, m - t * MR), nr, ts);
+        }
+      }
+    };
+    if (nt == 1) {
+      pack_a(0, kblocks * mtiles);
+      for (index_t p = 0; p < panels; ++p) compute(p);
+      return;
+    }
+    run_panel(sync, nullptr, 0, kblocks * mtiles, 1, panels, waited, pack_a, compute);
+  });
+}
+
+/// Largest m the streamed GEMM takes (its packed X, m x k floats, is read once per panel of W).
+inline bool streamed_fits(index_t m, index_t k) noexcept { return m <= 256 && m * k <= (index_t{1} << 20); }
+
 }  // namespace detail
 
 /// The implementations of weight_only_gemm, reachable one by one for tests and benchmarks.
@@ -405,6 +470,19 @@ void direct(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bi
                                      std::min(w.n, b1 * detail::small_jb), buf);
     }
   });
+}
+
+/// The streamed GEMM (see detail::weight_only_streamed), micro-kernel chosen as gemm_f32_auto does.
+template <int Bits>
+void streamed(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bits>& w, float* y, index_t ldy,
+              const gemm_epilogue& ep, int threads) {
+#if defined(TRIDENT_HAS_AVX512)
+  if (detail::round_up(w.n, 64) * 10 > detail::round_up(w.n, 32) * 11) {
+    detail::weight_only_streamed<kernel_avx512_f32_narrow>(x, m, ldx, w, y, ldy, ep, threads);
+    return;
+  }
+#endif
+  detail::weight_only_streamed<default_f32_kernel>(x, m, ldx, w, y, ldy, ep, threads);
 }
 
 /// The blocked fp32 GEMM (micro-kernel chosen as gemm_f32_auto does) with B = W^T packed by
@@ -464,7 +542,9 @@ void weight_only_gemm(const float* x, index_t m, index_t ldx, const detail::grou
     return;
   }
   const int threads = detail::gemm_threads(flops);
-  if (detail::transposed_pays(m, n, k)) {
+  if (detail::streamed_fits(m, k)) {
+    weight_only_paths::streamed(x, m, ldx, w, y, ldy, ep, threads);
+  } else if (detail::transposed_pays(m, n, k)) {
     weight_only_paths::blocked_transposed(x, m, ldx, w, y, ldy, ep, threads);
   } else {
     weight_only_paths::blocked(x, m, ldx, w, y, ldy, ep, threads);
