@@ -34,7 +34,6 @@
 #include <vector>
 
 #include "../backend/cpu/device.hpp"
-#include "../backend/cpu/qgemm/quantize.hpp"
 #include "../core/activation.hpp"
 #include "../nn/linear.hpp"
 #include "../nn/module.hpp"
@@ -207,12 +206,8 @@ class qlinear {
     const float* b = bias_.empty() ? nullptr : bias_.data();
     if constexpr (std::is_same_v<Scheme, static_int8>) {
       auto* q = static_cast<std::uint8_t*>(ctx.memory.allocate_bytes(static_cast<std::size_t>(rows * in_)));
-      const float* xd = xf.data();
-      if (!cpu_kernels::qgemm::range_of(xd, rows * in_).finite) {
-        for (index_t i = 0; i < rows * in_; ++i) (void)quantize_checked<std::uint8_t>(xd[i], 1.0f, 0, name_ + " input", i);
-      }
-      // ONNX QuantizeLinear, bit for bit (vectorised: quant/packed_int8.hpp's row quantizer)
-      cpu_kernels::qgemm::quantize_row_u8(xd, rows * in_, input_.scale, input_.zero_point, q);
+      // ONNX QuantizeLinear with the calibrated parameters, bit for bit (vectorised)
+      quantize_static_u8(xf.data(), rows, in_, in_, input_.scale, input_.zero_point, q, in_, name_ + " input");
       int8_epilogue e;
       e.a_scale = &input_.scale;
       e.a_zero = &input_.zero_point;
