@@ -8,20 +8,28 @@
 //
 //   rows                      how
 //   fp32 baseline             the trained model
-//   PTQ int8                  post-training static quantization, calibrated on training batches
-//   QAT int8                  quantization-aware fine-tuning from the baseline, then converted
-//   weight-only int4          int4 weights in groups, fp32 activations
-//   50% / 90% unstructured    global magnitude pruning, fine-tuned with the mask held
+//   PTQ int8                  post-training static quantization, min-max calibrated on training batches
+//   QAT int8                  quantization-aware fine-tuning from the baseline, then converted to static int8
+//   weight-only int4          int4 weights in groups of 16 inputs, fp32 activations
+//   50% / 90% unstructured    global magnitude pruning, fine-tuned with the mask held (stored dense)
 //   structured (shrunk)       hidden units ranked by L2 norm, half kept, a smaller dense model, fine-tuned
-//   2:4                       N:M semi-structured sparsity, fine-tuned with the mask held
+//   2:4                       N:M semi-structured sparsity, fine-tuned with the mask held (stored dense)
 //   student (distilled)       784-64-10 trained on Hinton's loss against the baseline
-//   student (alone)           the same student, same seed and steps, on the labels only
+//   student (alone)           the same student, same initialisation, batches and steps, on the labels only
+//
+// The notes say what a row's number rests on: accuracy before fine-tuning, the sparsity and
+// what a sparse format would store (trident keeps pruned weights in dense storage and runs the
+// dense kernels), and for the students how often they agree with the teacher's predictions.
+// Latencies are indicative: one process, one batch, a median over --passes runs.
 //
 //   build/examples/compress_demo                 # full run: 5 epochs on all 60000 images
-//   build/examples/compress_demo --quick         # a few thousand images, one epoch (CTest)
+//   build/examples/compress_demo --quick         # 4000 images, one epoch (CTest)
 //   build/examples/compress_demo --load mlp.bin  # train once, reuse the baseline after
+//   build/examples/compress_demo --load mlp.bin --only distill --temperature 4 --alpha 0.9
 //
-// Ends with `RESULT example=compress_demo` and the accuracy of each row.
+// Ends with `RESULT example=compress_demo` and the test accuracy of each row
+// (fp32, ptq_int8, qat_int8, int4, prune50, prune90, shrunk, sparse24, student_distilled,
+// student_alone).
 #include <omp.h>
 
 #include <algorithm>
