@@ -499,6 +499,42 @@ TEST_CASE("distill::trainer: a forward-only fp32 teacher teaches a bf16 student;
   CHECK_THROWS_WITH_AS(t.train_batch(xb.view(), data.y), doctest::Contains("teacher's logit at row 0, class 0 is nan"), error);
 }
 
+TEST_CASE("distill::trainer: an fp16 student with loss scaling, clipping and a warm-up schedule learns from an fp32 teacher") {
+  using fp16p = policy<fp16_mixed, cpu>;
+  blobs data(128, 4, 9);
+  mlp<fp32p> teacher(32, 4, 5);
+  {
+    optim::sgd opt({.lr = 0.1, .momentum = 0.9});
+    train::trainer<fp32p, decltype(teacher.net), optim::sgd> t(teacher.net, teacher.store, opt, {.progress = false, .out = nullptr});
+    for (int step = 0; step < 60; ++step) t.train_batch(data.x.view(), data.y);
+  }
+  mlp<fp16p> student(8, 4, 2);
+  optim::sgd opt({.lr = 0.2, .momentum = 0.9});
+  sched::warmup_lr warmup(opt, {.warmup_min_lr = 0.0, .warmup_num_steps = 10, .warmup_type = sched::warmup_kind::linear});
+  using T = distill::trainer<fp16p, decltype(student.net), decltype(teacher.net), optim::sgd, sched::warmup_lr, fp32p>;
+  T t(student.net, student.store, teacher.net, opt,
+      {.gradient_accumulation_steps = 2, .step = {.gradient_clipping = 1.0}, .loss = {.temperature = 2.0, .alpha = 0.7},
+       .progress = false, .out = nullptr},
+      warmup);
+  const auto xh = cast<half>(data.x);
+  double first = 0, last = 0;
+  int applied = 0;
+  for (int step = 0; step < 80; ++step) {
+    const auto r = t.train_batch(xh.view(), data.y);
+    CHECK(r.step.loss_scale > 1.0);  // the loss was scaled before backward
+    if (r.step.applied) {
+      ++applied;
+      CHECK(r.step.grad_norm >= 0.0);
+      CHECK(r.step.clip <= 1.0);
+    }
+    if (step == 0) first = r.loss;
+    last = r.loss;
+  }
+  CHECK(applied >= 70);
+  CHECK(t.lr() == doctest::Approx(0.2));  // the warm-up is over: the scheduler stepped with every applied step
+  CHECK(last < 0.3 * first);
+}
+
 TEST_CASE("distill::trainer: bad options and mismatched batches are refused") {
   mlp<fp32p> student(4, 3, 1), teacher(8, 3, 2);
   optim::sgd opt({.lr = 0.1});
