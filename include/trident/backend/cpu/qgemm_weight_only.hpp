@@ -455,19 +455,23 @@ inline bool streamed_fits(index_t m, index_t k) noexcept { return m <= 256 && m 
 /// Each computes Y (m x n, ldy) = act(X (m x k, ldx) W^T + bias) for m >= 1, n >= 1, k >= 1.
 namespace weight_only_paths {
 
-/// The direct kernel (see the file comment), W's rows split across `threads` threads.
+/// The direct kernel (see the file comment). Blocks of 32 rows of W are handed out to the
+/// `threads` threads through an atomic counter (a thread whose core is busy elsewhere just
+/// takes fewer).
 template <int Bits>
 void direct(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bits>& w, float* y, index_t ldy,
             const gemm_epilogue& ep, int threads) {
-  const index_t blocks = detail::ceil_div(w.n, detail::small_jb);
-  detail::run_parallel(threads, [&](int tid, int nt, std::int64_t*) {
+  constexpr index_t rows_per_item = 8 * detail::small_jb;
+  const index_t items = detail::ceil_div(w.n, rows_per_item);
+  std::atomic<index_t> next{0};
+  detail::run_parallel(threads, [&](int, int, std::int64_t*) {
     float* buf = static_cast<float*>(
         detail::thread_workspace(2).get(static_cast<std::size_t>(detail::small_jb * w.k) * sizeof(float)));
-    index_t b0, b1;
-    detail::split_range(blocks, 1, nt, tid, b0, b1);
-    if (b0 < b1) {
-      detail::weight_only_small_rows(x, m, ldx, w, y, ldy, ep, b0 * detail::small_jb,
-                                     std::min(w.n, b1 * detail::small_jb), buf);
+    for (;;) {
+      const index_t it = next.fetch_add(1, std::memory_order_relaxed);
+      if (it >= items) break;
+      detail::weight_only_small_rows(x, m, ldx, w, y, ldy, ep, it * rows_per_item,
+                                     std::min(w.n, (it + 1) * rows_per_item), buf);
     }
   });
 }
