@@ -112,10 +112,12 @@ TRIDENT_ALWAYS_INLINE __m512 dequant16_int4(const std::uint8_t* p, __m512 table)
   return _mm512_permutexvar_ps(idx, table);
 }
 
-/// Elements [p, p+16) of row j of W, dequantised (p + 16 <= k, one group: group % 16 == 0).
+/// Elements [p, p+16) of row j of W, dequantised (p + 16 <= k, within group g = p / group:
+/// group % 16 == 0). `groups` is w.groups(); the callers hoist both divisions out of their loops.
 template <int Bits>
-TRIDENT_ALWAYS_INLINE __m512 dequant16(const groupwise_b<Bits>& w, index_t j, index_t p) noexcept {
-  const float s = w.scales[j * w.groups() + p / w.group];
+TRIDENT_ALWAYS_INLINE __m512 dequant16(const groupwise_b<Bits>& w, index_t j, index_t p, index_t g,
+                                       index_t groups) noexcept {
+  const float s = w.scales[j * groups + g];
   if constexpr (Bits == 8) {
     return dequant16_int8(w.data + j * w.k + p, _mm512_set1_ps(s));
   } else {
@@ -137,6 +139,7 @@ inline void pack_b_panels(const groupwise_b<Bits>* wp, bool trans, index_t ldb, 
 #if defined(TRIDENT_HAS_AVX512)
   if constexpr (KG == 1 && std::is_same_v<P, float> && NR % 16 == 0) {
     if (w.group % 16 == 0 && k0 % 16 == 0) {
+      const index_t groups = w.groups();
       for (index_t q = 0; q < count; ++q) {
         const index_t jq = j0 + q * NR;
         const index_t nr = std::min<index_t>(NR, j_end - jq);
@@ -148,7 +151,8 @@ inline void pack_b_panels(const groupwise_b<Bits>* wp, bool trans, index_t ldb, 
             const index_t kk = std::min<index_t>(16, kc - p);
             __m512 r[16];
             if (kk == 16) {
-              for (int j = 0; j < 16; ++j) r[j] = j < rows ? dequant16(w, jv + j, k0 + p) : _mm512_setzero_ps();
+              const index_t g = (k0 + p) / w.group;
+              for (int j = 0; j < 16; ++j) r[j] = j < rows ? dequant16(w, jv + j, k0 + p, g, groups) : _mm512_setzero_ps();
             } else {
               // The last, partial block of k (kc is not a multiple of 16): element by element.
               for (int j = 0; j < 16; ++j) {
@@ -195,12 +199,14 @@ inline void pack_a_panel(const groupwise_b<Bits>* wp, bool trans, index_t lda, i
 #if defined(TRIDENT_HAS_AVX512)
   if constexpr (KG == 1 && std::is_same_v<P, float> && MR <= 16) {
     if (w.group % 16 == 0 && k0 % 16 == 0) {
+      const index_t groups = w.groups();
       const __mmask16 rows_mask = static_cast<__mmask16>((1u << MR) - 1u);
       for (index_t p = 0; p < kc; p += 16) {
         const index_t kk = std::min<index_t>(16, kc - p);
         __m512 r[16];
         if (kk == 16) {
-          for (int i = 0; i < 16; ++i) r[i] = i < mr ? dequant16(w, i0 + i, k0 + p) : _mm512_setzero_ps();
+          const index_t g = (k0 + p) / w.group;
+          for (int i = 0; i < 16; ++i) r[i] = i < mr ? dequant16(w, i0 + i, k0 + p, g, groups) : _mm512_setzero_ps();
         } else {
           for (int i = 0; i < 16; ++i) {
             alignas(64) float t[16] = {};
@@ -354,17 +360,102 @@ TRIDENT_ALWAYS_INLINE void dot_tile_rows(index_t mi, const float* x, index_t ldx
 }
 #endif
 
+#if defined(TRIDENT_HAS_AVX512)
+/// X (m x k, ldx) into xp (m x k) with every 32 consecutive elements reordered: the 16 even
+/// ones, then the 16 odd ones; the order in which dot_tile_int4_pairs decodes int4 bytes.
+inline void deinterleave32(const float* x, index_t m, index_t ldx, index_t k, float* xp) noexcept {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (index_t i = 0; i < m; ++i) {
+    for (index_t c = 0; c < k; c += 32) {
+      const __m512 a = _mm512_loadu_ps(x + i * ldx + c), b = _mm512_loadu_ps(x + i * ldx + c + 16);
+      _mm512_storeu_ps(xp + i * k + c, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(xp + i * k + c + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+  }
+}
+
+/// The direct kernel's int4 tile for m <= 4, two values per byte at a time: 16 bytes widen to
+/// 16 dwords; their low nibbles (the even elements) and, shifted, their high nibbles (the odd
+/// ones) index the row's table of level * scale. Against X deinterleaved by deinterleave32
+/// the sums are those of the plain order, regrouped. Needs group % 32 == 0.
+template <int MI, int JB>
+TRIDENT_ALWAYS_INLINE void dot_tile_int4_pairs(const float* xp, index_t k, const groupwise_b<4>& w, float* y,
+                                               index_t ldy, index_t j0, index_t nj, const gemm_epilogue& ep) noexcept {
+  const std::uint8_t* row[JB];
+  const float* scale[JB];
+  for (int jj = 0; jj < JB; ++jj) {
+    const index_t j = j0 + std::min<index_t>(jj, nj - 1);
+    row[jj] = w.data + j * (k / 2);
+    scale[jj] = w.scales + j * w.groups();
+  }
+  __m512 acc[MI][JB];
+  TRIDENT_UNROLL(4)
+  for (int i = 0; i < MI; ++i) {
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) acc[i][jj] = _mm512_setzero_ps();
+  }
+  for (index_t g0 = 0, g = 0; g0 < k; g0 += w.group, ++g) {
+    __m512 table[JB];
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) table[jj] = _mm512_mul_ps(int4_levels(), _mm512_set1_ps(scale[jj][g]));
+    for (index_t p = g0; p < g0 + w.group; p += 32) {
+      TRIDENT_UNROLL(8)
+      for (int jj = 0; jj < JB; ++jj) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[jj] + p / 2)));
+        const __m512 lo = _mm512_permutexvar_ps(v, table[jj]);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[jj]);
+        TRIDENT_UNROLL(4)
+        for (int i = 0; i < MI; ++i) {
+          acc[i][jj] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + i * k + p), lo, acc[i][jj]);
+          acc[i][jj] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + i * k + p + 16), hi, acc[i][jj]);
+        }
+      }
+    }
+  }
+  TRIDENT_UNROLL(4)
+  for (int i = 0; i < MI; ++i) {
+    TRIDENT_UNROLL(8)
+    for (int jj = 0; jj < JB; ++jj) {
+      if (jj < nj) store_dot(y + i * ldy + j0 + jj, _mm512_reduce_add_ps(acc[i][jj]), j0 + jj, ep);
+    }
+  }
+}
+#endif
+
+/// Whether the direct kernel reads int4 two values per byte at a time (dot_tile_int4_pairs).
+template <int Bits>
+constexpr bool int4_pairs(index_t m, index_t group) noexcept {
+  return isa::avx512 && Bits == 4 && m <= 4 && group % 32 == 0;
+}
+
 /// The direct kernel on rows [j0, j1) of W: Y(i, j) = act(sum_p X(i, p) W(j, p) + bias[j]).
 /// Up to 4 rows of X: W is dequantised in registers as it streams by. More: each block of
 /// small_jb rows of W is dequantised once into `buf` (small_jb x k floats, L1/L2) and every
 /// 4 rows of X are dotted with it.
+/// `xp` is X deinterleaved (deinterleave32) when int4_pairs(m, group), else unused.
 template <int Bits>
 inline void weight_only_small_rows(const float* x, index_t m, index_t ldx, const groupwise_b<Bits>& w, float* y,
-                                   index_t ldy, const gemm_epilogue& ep, index_t j0, index_t j1, float* buf) {
+                                   index_t ldy, const gemm_epilogue& ep, index_t j0, index_t j1, float* buf,
+                                   const float* xp) {
 #if defined(TRIDENT_HAS_AVX512)
   if (w.group % 16 == 0) {
     constexpr int JB = static_cast<int>(small_jb);
     const index_t k = w.k;
+    if constexpr (Bits == 4) {
+      if (int4_pairs<Bits>(m, w.group)) {
+        for (index_t jb = j0; jb < j1; jb += JB) {
+          const index_t nj = std::min<index_t>(JB, j1 - jb);
+          switch (m) {
+            case 1: dot_tile_int4_pairs<1, JB>(xp, k, w, y, ldy, jb, nj, ep); break;
+            case 2: dot_tile_int4_pairs<2, JB>(xp, k, w, y, ldy, jb, nj, ep); break;
+            case 3: dot_tile_int4_pairs<3, JB>(xp, k, w, y, ldy, jb, nj, ep); break;
+            default: dot_tile_int4_pairs<4, JB>(xp, k, w, y, ldy, jb, nj, ep); break;
+          }
+        }
+        return;
+      }
+    }
     for (index_t jb = j0; jb < j1; jb += JB) {
       const index_t nj = std::min<index_t>(JB, j1 - jb);
       const packed_rows<Bits, JB> packed(w, jb, nj);
@@ -388,6 +479,7 @@ inline void weight_only_small_rows(const float* x, index_t m, index_t ldx, const
     return;
   }
 #endif
+  (void)xp;
   small_rows_scalar(x, m, ldx, w, y, ldy, ep, j0, j1, buf);
 }
 
@@ -467,11 +559,18 @@ void direct(const float* x, index_t m, index_t ldx, const detail::groupwise_b<Bi
   detail::run_parallel(threads, [&](int, int, std::int64_t*) {
     float* buf = static_cast<float*>(
         detail::thread_workspace(2).get(static_cast<std::size_t>(detail::small_jb * w.k) * sizeof(float)));
+    float* xp = nullptr;
+#if defined(TRIDENT_HAS_AVX512)
+    if (detail::int4_pairs<Bits>(m, w.group)) {
+      xp = static_cast<float*>(detail::thread_workspace(3).get(static_cast<std::size_t>(m * w.k) * sizeof(float)));
+      detail::deinterleave32(x, m, ldx, w.k, xp);
+    }
+#endif
     for (;;) {
       const index_t it = next.fetch_add(1, std::memory_order_relaxed);
       if (it >= items) break;
       detail::weight_only_small_rows(x, m, ldx, w, y, ldy, ep, it * rows_per_item,
-                                     std::min(w.n, (it + 1) * rows_per_item), buf);
+                                     std::min(w.n, (it + 1) * rows_per_item), buf, xp);
     }
   });
 }
