@@ -35,7 +35,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -335,9 +334,13 @@ inline void save(const std::filesystem::path& path, const std::vector<weight_ent
 /// Throws error naming the file and the problem (see the file comment for the checks).
 inline std::vector<weight_entry> load(const std::filesystem::path& path) {
   const std::string file = path.string();
-  std::ifstream f(path, std::ios::binary);
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) throw error("quant::load: cannot open '" + file + "': " + std::strerror(errno));
-  const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::streamoff length = f.tellg();
+  if (length < 0) throw error("quant::load: cannot read '" + file + "'");
+  std::string bytes(static_cast<std::size_t>(length), '\0');
+  f.seekg(0);
+  if (!f.read(bytes.data(), length)) throw error("quant::load: reading '" + file + "' failed");
   detail::storage_reader r{bytes, file};
   if (bytes.size() < sizeof detail::storage_magic ||
       std::memcmp(bytes.data(), detail::storage_magic, sizeof detail::storage_magic) != 0) {
