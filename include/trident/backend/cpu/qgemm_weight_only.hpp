@@ -232,7 +232,7 @@ inline void pack_a_panel(const groupwise_b<Bits>* wp, bool trans, index_t lda, i
   }
 }
 
-/// Largest m the direct (few rows) kernel takes; more rows go through the blocked GEMM.
+/// Largest m the direct (few rows) kernel takes; more rows go through the streamed or blocked GEMM.
 inline constexpr index_t small_m_max = 32;
 
 /// Rows of W one tile of the direct kernel covers.
