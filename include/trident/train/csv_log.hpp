@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -33,7 +34,10 @@ class csv_log {
   }
 
   /// One row; the number of values must match the columns.
-  void row(std::initializer_list<double> values) {
+  void row(std::initializer_list<double> values) { row(std::span<const double>(values.begin(), values.size())); }
+
+  /// The same for a row built at run time (a trainer whose columns depend on its loss).
+  void row(std::span<const double> values) {
     if (values.size() != columns_.size()) {
       throw error("csv_log::row: " + std::to_string(values.size()) + " values for " + std::to_string(columns_.size()) +
                   " columns");
