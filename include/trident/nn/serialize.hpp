@@ -5,7 +5,8 @@
 ///
 /// Format (little-endian): "TRDNTW01"; u64 tensor count; per tensor u32 name length, the
 /// name, u32 rank, u64 extents, then the fp32 values; finally the u64 FNV-1a hash of all the
-/// bytes before it. A save writes `path.tmp` and renames it over `path`, so an interrupted
+/// bytes before it, started from detail::weights_checksum_seed (not FNV's offset basis). A
+/// save writes `path.tmp` and renames it over `path` (core/binary.hpp), so an interrupted
 /// save never leaves a truncated file in place; a load parses and checks the whole file
 /// (hash, names, shapes, finite values) before it changes the store, so a bad file leaves
 /// the model as it was.
@@ -13,17 +14,15 @@
 ///   nn::save_weights(store, "model.bin");
 ///   nn::load_weights(store, "model.bin");   // same architecture: names and shapes must match
 
-#include <cerrno>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "../core/binary.hpp"
 #include "../core/error.hpp"
 #include "../ops/transfer.hpp"
 #include "parameters.hpp"
@@ -34,37 +33,14 @@ namespace detail {
 
 inline constexpr char weights_magic[8] = {'T', 'R', 'D', 'N', 'T', 'W', '0', '1'};
 
-inline std::uint64_t fnv1a(const char* p, std::size_t n) noexcept {
-  std::uint64_t h = 1469598103934665603ull;
-  for (std::size_t i = 0; i < n; ++i) {
-    h ^= static_cast<unsigned char>(p[i]);
-    h *= 1099511628211ull;
-  }
-  return h;
+/// The start of this format's FNV-1a checksum: 1469598103934665603, a digit short of FNV's
+/// offset basis (14695981039346656037). Files have been written with it since the format
+/// began, so it stays: with the standard basis none of them would load.
+inline constexpr std::uint64_t weights_checksum_seed = 1469598103934665603ull;
+
+inline std::uint64_t weights_checksum(const char* p, std::size_t n) noexcept {
+  return binary::fnv1a(p, n, weights_checksum_seed);
 }
-
-template <class T>
-void put(std::string& out, T v) {
-  char b[sizeof(T)];
-  std::memcpy(b, &v, sizeof(T));
-  out.append(b, sizeof(T));
-}
-
-/// Reads the file's fields in order, with errors that name the file and what is wrong.
-struct weights_reader {
-  const std::string& bytes;
-  std::size_t pos = 0;
-  std::string file;
-
-  template <class T>
-  T get(const char* what) {
-    if (bytes.size() - pos < sizeof(T)) throw error("nn::load_weights: '" + file + "' is truncated (reading " + what + ")");
-    T v;
-    std::memcpy(&v, bytes.data() + pos, sizeof(T));
-    pos += sizeof(T);
-    return v;
-  }
-};
 
 }  // namespace detail
 
@@ -73,33 +49,19 @@ template <class Policy>
 void save_weights(parameter_store<Policy>& store, const std::filesystem::path& path) {
   if (!store.allocated()) throw error("nn::save_weights: the store is not allocated");
   std::string out(detail::weights_magic, sizeof detail::weights_magic);
-  detail::put<std::uint64_t>(out, store.infos().size());
+  binary::put<std::uint64_t>(out, store.infos().size());
   const auto master = to_vector(store.master());
   for (const auto& info : store.infos()) {
-    detail::put<std::uint32_t>(out, static_cast<std::uint32_t>(info.name.size()));
+    binary::put<std::uint32_t>(out, static_cast<std::uint32_t>(info.name.size()));
     out += info.name;
-    detail::put<std::uint32_t>(out, static_cast<std::uint32_t>(info.extents.rank()));
-    for (int d = 0; d < info.extents.rank(); ++d) detail::put<std::uint64_t>(out, static_cast<std::uint64_t>(info.extents[d]));
+    binary::put<std::uint32_t>(out, static_cast<std::uint32_t>(info.extents.rank()));
+    for (int d = 0; d < info.extents.rank(); ++d) binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(info.extents[d]));
     for (index_t i = 0; i < info.numel(); ++i) {
-      detail::put<float>(out, static_cast<float>(master[static_cast<std::size_t>(info.offset + i)]));
+      binary::put<float>(out, static_cast<float>(master[static_cast<std::size_t>(info.offset + i)]));
     }
   }
-  detail::put<std::uint64_t>(out, detail::fnv1a(out.data(), out.size()));
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw error("nn::save_weights: cannot create '" + tmp.string() + "': " + std::strerror(errno));
-    f.write(out.data(), static_cast<std::streamsize>(out.size()));
-    f.flush();
-    if (!f) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw error("nn::save_weights: writing '" + tmp.string() + "' failed (disk full?)");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) throw error("nn::save_weights: cannot rename '" + tmp.string() + "' to '" + path.string() + "': " + ec.message());
+  binary::put<std::uint64_t>(out, detail::weights_checksum(out.data(), out.size()));
+  binary::write_file(path, out, "nn::save_weights");
 }
 
 /// Reads weights saved by save_weights into `store` (master weights, then the parameters in
@@ -107,9 +69,7 @@ void save_weights(parameter_store<Policy>& store, const std::filesystem::path& p
 template <class Policy>
 void load_weights(parameter_store<Policy>& store, const std::filesystem::path& path) {
   if (!store.allocated()) throw error("nn::load_weights: the store is not allocated");
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw error("nn::load_weights: cannot open '" + path.string() + "': " + std::strerror(errno));
-  const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const std::string bytes = binary::read_file(path, "nn::load_weights");
   const std::string file = path.string();
   if (bytes.size() < sizeof detail::weights_magic + 16 ||
       std::memcmp(bytes.data(), detail::weights_magic, sizeof detail::weights_magic) != 0) {
@@ -117,10 +77,12 @@ void load_weights(parameter_store<Policy>& store, const std::filesystem::path& p
   }
   std::uint64_t stored_hash;
   std::memcpy(&stored_hash, bytes.data() + bytes.size() - 8, 8);
-  if (detail::fnv1a(bytes.data(), bytes.size() - 8) != stored_hash) {
+  if (detail::weights_checksum(bytes.data(), bytes.size() - 8) != stored_hash) {
     throw error("nn::load_weights: '" + file + "' is corrupt (checksum mismatch)");
   }
-  detail::weights_reader r{bytes, sizeof detail::weights_magic, file};
+  // The fields, up to the checksum.
+  binary::reader r(std::string_view(bytes).substr(0, bytes.size() - 8), "nn::load_weights: '" + file + "'",
+                   sizeof detail::weights_magic);
   const auto count = r.get<std::uint64_t>("the tensor count");
   if (count != store.infos().size()) {
     throw error("nn::load_weights: '" + file + "' holds " + std::to_string(count) + " tensors, the model has " +
@@ -130,9 +92,7 @@ void load_weights(parameter_store<Policy>& store, const std::filesystem::path& p
   std::vector<bool> seen(store.infos().size(), false);
   for (std::uint64_t t = 0; t < count; ++t) {
     const auto len = r.get<std::uint32_t>("a name length");
-    if (bytes.size() - 8 - r.pos < len) throw error("nn::load_weights: '" + file + "' is truncated (reading a name)");
-    const std::string name = bytes.substr(r.pos, len);
-    r.pos += len;
+    const std::string name = r.get_string(len, "a name");
     std::size_t k = 0;
     while (k < store.infos().size() && store.infos()[k].name != name) ++k;
     if (k == store.infos().size()) throw error("nn::load_weights: '" + file + "' has a tensor '" + name + "' the model does not");
@@ -161,7 +121,7 @@ void load_weights(parameter_store<Policy>& store, const std::filesystem::path& p
       values[static_cast<std::size_t>(info.offset + i)] = v;
     }
   }
-  if (r.pos != bytes.size() - 8) throw error("nn::load_weights: '" + file + "' has trailing bytes");
+  if (r.left() != 0) throw error("nn::load_weights: '" + file + "' has trailing bytes");
   using M = typename parameter_store<Policy>::master_type;
   std::vector<M> cast(values.size());
   for (std::size_t i = 0; i < values.size(); ++i) cast[i] = static_cast<M>(values[i]);

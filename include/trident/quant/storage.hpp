@@ -27,20 +27,19 @@
 /// positive scales, no duplicate names, nothing left over). Every error names the file and
 /// what is wrong.
 
-#include <bit>
 #include <algorithm>
-#include <cerrno>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
 
+#include "../core/binary.hpp"
 #include "../core/error.hpp"
 #include "onnx.hpp"
 #include "packed_int8.hpp"
@@ -118,57 +117,11 @@ inline constexpr std::size_t storage_header_bytes = 32;
 
 static_assert(std::endian::native == std::endian::little, "quant/storage.hpp writes and reads little-endian hosts");
 
-inline std::uint64_t storage_fnv1a(const char* p, std::size_t n) noexcept {
-  std::uint64_t h = 14695981039346656037ull;  // the FNV-1a 64-bit offset basis
-  for (std::size_t i = 0; i < n; ++i) {
-    h ^= static_cast<unsigned char>(p[i]);
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
-template <class T>
-void storage_put(std::string& out, T v) {
-  char b[sizeof(T)];
-  std::memcpy(b, &v, sizeof(T));
-  out.append(b, sizeof(T));
-}
-
-/// Reads the fields of a file in order; errors name the file and what was being read.
-struct storage_reader {
-  const std::string& bytes;
-  const std::string& file;
-  std::size_t pos = 0;
-
-  [[noreturn]] void fail(const std::string& what) const {
-    throw error("quant::load: '" + file + "': " + what);
-  }
-  void need(std::size_t n, const std::string& what) const {
-    if (bytes.size() - pos < n) {
-      fail("truncated while reading " + what + " (" + std::to_string(n) + " bytes needed at offset " +
-           std::to_string(pos) + ", " + std::to_string(bytes.size() - pos) + " left)");
-    }
-  }
-  template <class T>
-  T get(const std::string& what) {
-    need(sizeof(T), what);
-    T v;
-    std::memcpy(&v, bytes.data() + pos, sizeof(T));
-    pos += sizeof(T);
-    return v;
-  }
-  void read(void* dst, std::size_t n, const std::string& what) {
-    need(n, what);
-    if (n != 0) std::memcpy(dst, bytes.data() + pos, n);
-    pos += n;
-  }
-};
-
 /// Appends one entry to `out`.
 inline void put_entry(std::string& out, const weight_entry& e) {
   const weight_format f = format_of(e.weight);
-  storage_put<std::uint32_t>(out, static_cast<std::uint32_t>(f));
-  storage_put<std::uint32_t>(out, static_cast<std::uint32_t>(e.name.size()));
+  binary::put<std::uint32_t>(out, static_cast<std::uint32_t>(f));
+  binary::put<std::uint32_t>(out, static_cast<std::uint32_t>(e.name.size()));
   out += e.name;
   std::visit(
       [&](const auto& w) {
@@ -180,13 +133,13 @@ inline void put_entry(std::string& out, const weight_entry& e) {
             return w.group();
           }
         }();
-        storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.out()));
-        storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.in()));
-        storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(group));
+        binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.out()));
+        binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.in()));
+        binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(group));
         if constexpr (std::is_same_v<W, packed_int8_weight>) {
           // The packed layout belongs to this CPU's kernels: store the plain row-major values.
-          storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.out() * w.in()));
-          storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.scales().size()));
+          binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.out() * w.in()));
+          binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.scales().size()));
           const std::size_t at = out.size();
           out.resize(at + static_cast<std::size_t>(w.out() * w.in()));
           char* dst = out.data() + at;
@@ -194,8 +147,8 @@ inline void put_entry(std::string& out, const weight_entry& e) {
             for (index_t k = 0; k < w.in(); ++k) dst[j * w.in() + k] = static_cast<char>(w.value(j, k));
           }
         } else {
-          storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.data().size()));
-          storage_put<std::uint64_t>(out, static_cast<std::uint64_t>(w.scales().size()));
+          binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.data().size()));
+          binary::put<std::uint64_t>(out, static_cast<std::uint64_t>(w.scales().size()));
           out.append(reinterpret_cast<const char*>(w.data().data()), w.data().size());
         }
         out.append(reinterpret_cast<const char*>(w.scales().data()), w.scales().size() * sizeof(float));
@@ -203,8 +156,8 @@ inline void put_entry(std::string& out, const weight_entry& e) {
       e.weight);
 }
 
-/// Reads one entry (number `index`) at r.pos.
-inline weight_entry get_entry(storage_reader& r, std::uint32_t index) {
+/// Reads one entry (number `index`) at r's position.
+inline weight_entry get_entry(binary::reader& r, std::uint32_t index) {
   const std::string at = "entry " + std::to_string(index);
   const auto format = r.get<std::uint32_t>(at + "'s format");
   if (format < 1 || format > 3) {
@@ -298,55 +251,27 @@ inline void save(const std::filesystem::path& path, const std::vector<weight_ent
   std::string out;
   out.reserve(total);
   out.append(detail::storage_magic, sizeof detail::storage_magic);
-  detail::storage_put<std::uint32_t>(out, detail::storage_version);
-  detail::storage_put<std::uint32_t>(out, static_cast<std::uint32_t>(entries.size()));
-  detail::storage_put<std::uint64_t>(out, 0);  // file size, filled in below
-  detail::storage_put<std::uint64_t>(out, 0);  // hash, filled in below
+  binary::put<std::uint32_t>(out, detail::storage_version);
+  binary::put<std::uint32_t>(out, static_cast<std::uint32_t>(entries.size()));
+  binary::put<std::uint64_t>(out, 0);  // file size, filled in below
+  binary::put<std::uint64_t>(out, 0);  // hash, filled in below
   for (const auto& e : entries) detail::put_entry(out, e);
   const std::uint64_t size = out.size();
-  const std::uint64_t hash = detail::storage_fnv1a(out.data() + detail::storage_header_bytes,
-                                                   out.size() - detail::storage_header_bytes);
+  const std::uint64_t hash =
+      binary::fnv1a(out.data() + detail::storage_header_bytes, out.size() - detail::storage_header_bytes);
   std::memcpy(out.data() + 16, &size, 8);
   std::memcpy(out.data() + 24, &hash, 8);
 
-  const std::filesystem::path tmp = file + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw error("quant::save: cannot create '" + tmp.string() + "': " + std::strerror(errno));
-    f.write(out.data(), static_cast<std::streamsize>(out.size()));
-    f.flush();
-    if (!f) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw error("quant::save: writing '" + tmp.string() + "' failed (disk full?)");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ec2;
-    std::filesystem::remove(tmp, ec2);
-    throw error("quant::save: cannot rename '" + tmp.string() + "' to '" + file + "': " + ec.message());
-  }
+  binary::write_file(path, out, "quant::save");
 }
 
 /// Reads a file written by save: its entries in the order they were saved, bit for bit.
 /// Throws error naming the file and the problem (see the file comment for the checks).
 inline std::vector<weight_entry> load(const std::filesystem::path& path) {
   const std::string file = path.string();
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  if (!f) throw error("quant::load: cannot open '" + file + "': " + std::strerror(errno));
-  const std::streamoff length = f.tellg();
-  if (length < 0) throw error("quant::load: cannot read '" + file + "'");
-  std::string bytes(static_cast<std::size_t>(length), '\0');
-  f.seekg(0);
-  if (!f.read(bytes.data(), length)) throw error("quant::load: reading '" + file + "' failed");
-  detail::storage_reader r{bytes, file};
-  if (bytes.size() < sizeof detail::storage_magic ||
-      std::memcmp(bytes.data(), detail::storage_magic, sizeof detail::storage_magic) != 0) {
-    r.fail("not a trident quantized-weights file (bad magic)");
-  }
-  r.pos = sizeof detail::storage_magic;
+  const std::string bytes = binary::read_file(path, "quant::load");
+  binary::reader r(bytes, "quant::load: '" + file + "'");
+  r.expect({detail::storage_magic, sizeof detail::storage_magic}, "not a trident quantized-weights file (bad magic)");
   const auto version = r.get<std::uint32_t>("the version");
   if (version != detail::storage_version) {
     r.fail("version " + std::to_string(version) + " is not supported (this build reads version " +
@@ -361,8 +286,7 @@ inline std::vector<weight_entry> load(const std::filesystem::path& path) {
   if (bytes.size() > size) {
     r.fail(std::to_string(bytes.size() - size) + " bytes after the end the header gives (" + std::to_string(size) + ")");
   }
-  if (detail::storage_fnv1a(bytes.data() + detail::storage_header_bytes, bytes.size() - detail::storage_header_bytes) !=
-      hash) {
+  if (binary::fnv1a(bytes.data() + detail::storage_header_bytes, bytes.size() - detail::storage_header_bytes) != hash) {
     r.fail("corrupt (hash mismatch)");
   }
   std::vector<weight_entry> entries;
@@ -374,8 +298,8 @@ inline std::vector<weight_entry> load(const std::filesystem::path& path) {
     }
     entries.push_back(std::move(e));
   }
-  if (r.pos != bytes.size()) {
-    r.fail(std::to_string(bytes.size() - r.pos) + " bytes left over after " + std::to_string(count) + " entries");
+  if (r.left() != 0) {
+    r.fail(std::to_string(r.left()) + " bytes left over after " + std::to_string(count) + " entries");
   }
   return entries;
 }
