@@ -20,6 +20,39 @@
 
 namespace trident::nn {
 
+/// The activation of a layer whose GEMM epilogue already applied ReLU (or nothing): GELU and
+/// tanh-GELU are applied here to z (rows, out), into a new tensor of ctx, and z is kept in
+/// `pre` for backward; otherwise z is the output. Returns the output.
+template <policy_bundle Policy, class S, class D>
+tensor_view<S, D> activate_after_gemm(context<Policy>& ctx, activation act, tensor_view<S, D> z, tensor_view<S, D>& pre) {
+  if (act != activation::gelu && act != activation::gelu_tanh) return z;
+  pre = z;
+  auto y = ctx.template allocate<S>(z.shape());
+  if (act == activation::gelu) {
+    trident::gelu(z, y);
+  } else {
+    trident::gelu_tanh(z, y);
+  }
+  return y;
+}
+
+/// The gradient before a layer's activation from the gradient dy after it: through the output
+/// y for ReLU, through the kept input `pre` for the GELUs (activate_after_gemm); dy itself
+/// without an activation.
+template <policy_bundle Policy, class S, class D>
+tensor_view<const S, D> activation_backward(context<Policy>& ctx, activation act, tensor_view<const S, D> dy,
+                                            tensor_view<const S, D> y, tensor_view<const S, D> pre) {
+  if (act == activation::none) return dy;
+  auto t = ctx.template allocate<S>(dy.shape());
+  switch (act) {
+    case activation::relu: zip(ops::relu_backward{}, dy, y, t); break;
+    case activation::gelu: zip(ops::gelu_backward{}, dy, pre, t); break;
+    case activation::gelu_tanh: zip(ops::gelu_tanh_backward{}, dy, pre, t); break;
+    case activation::none: break;
+  }
+  return t;
+}
+
 /// A linear (fully connected) layer with an optional bias and fused activation.
 /// @tparam Policy the policy bundle
 template <policy_bundle Policy>
@@ -112,18 +145,7 @@ class linear {
 
     auto z = ctx.template allocate<S>({rows, out_});
     affine(ctx, x_, z, act_ == activation::relu);
-    if (act_ == activation::gelu || act_ == activation::gelu_tanh) {
-      pre_ = z;
-      auto y = ctx.template allocate<S>({rows, out_});
-      if (act_ == activation::gelu) {
-        trident::gelu(z, y);
-      } else {
-        trident::gelu_tanh(z, y);
-      }
-      y_ = y;
-    } else {
-      y_ = z;
-    }
+    y_ = activate_after_gemm(ctx, act_, z, pre_);
     return y_.reshape(out_shape_);
   }
 
@@ -137,17 +159,8 @@ class linear {
     const index_t rows = x_.size(0);
     tensor_view<const S, D> dy = ctx.contiguous(dy_in).reshape({rows, out_});
     // dz: the gradient before the activation.
-    tensor_view<const S, D> dz = dy;
-    if (act_ != activation::none) {
-      auto t = ctx.template allocate<S>({rows, out_});
-      switch (act_) {
-        case activation::relu: zip(ops::relu_backward{}, dy, y_, t); break;
-        case activation::gelu: zip(ops::gelu_backward{}, dy, pre_, t); break;
-        case activation::gelu_tanh: zip(ops::gelu_tanh_backward{}, dy, pre_, t); break;
-        case activation::none: break;
-      }
-      dz = t;
-    }
+    const tensor_view<const S, D> dz =
+        activation_backward(ctx, act_, dy, tensor_view<const S, D>(y_), tensor_view<const S, D>(pre_));
     // dW += dz^T x
     accumulate_product(ctx, dz.t(), x_, store_->grad(weight_));
     // db += sum over rows of dz

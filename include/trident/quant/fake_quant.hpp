@@ -216,18 +216,7 @@ class qat_linear {
     } else {
       gemm(xq_, wq_.t(), z, opt);
     }
-    if (act_ == activation::gelu || act_ == activation::gelu_tanh) {
-      pre_ = z;
-      auto y = ctx.template allocate<S>({rows_, out_});
-      if (act_ == activation::gelu) {
-        trident::gelu(z, y);
-      } else {
-        trident::gelu_tanh(z, y);
-      }
-      y_ = y;
-    } else {
-      y_ = z;
-    }
+    y_ = nn::activate_after_gemm(ctx, act_, z, pre_);
     return y_.reshape(out_shape_);
   }
 
@@ -239,17 +228,8 @@ class qat_linear {
                         " but the output had shape " + out_shape_.str());
     }
     tensor_view<const S, D> dy = ctx.contiguous(dy_in).reshape({rows_, out_});
-    tensor_view<const S, D> dz = dy;
-    if (act_ != activation::none) {
-      auto t = ctx.template allocate<S>({rows_, out_});
-      switch (act_) {
-        case activation::relu: zip(ops::relu_backward{}, dy, y_, t); break;
-        case activation::gelu: zip(ops::gelu_backward{}, dy, pre_, t); break;
-        case activation::gelu_tanh: zip(ops::gelu_tanh_backward{}, dy, pre_, t); break;
-        case activation::none: break;
-      }
-      dz = t;
-    }
+    const tensor_view<const S, D> dz =
+        nn::activation_backward(ctx, act_, dy, tensor_view<const S, D>(y_), tensor_view<const S, D>(pre_));
     gemm_options acc;
     acc.beta = 1.0;
     gemm(dz.t(), tensor_view<const S, D>(xq_), store_->grad(weight_), acc);
