@@ -121,12 +121,7 @@ settings parse(int argc, char** argv) {
     else if (a == "--save") s.save = value(i);
     else if (a == "--load") s.load = value(i);
     else if (a == "--no-progress") s.progress = false;
-    else if (a == "--help" || a == "-h") {
-      usage(argv[0], defaults, stdout);
-      std::exit(0);
-    } else {
-      args.fail("unknown option '" + std::string(a) + "'");
-    }
+    else args.help_or_unknown(a);
   }
   if (s.data.empty()) {
     const char* env = std::getenv("TRIDENT_TINYSHAKESPEARE");

@@ -7,7 +7,7 @@
 //     const std::string_view a = argv[i];
 //     if (a == "--iters") s.iters = args.integer(i, 1);
 //     else if (a == "--lr") s.lr = args.real(i, 0.0);
-//     else args.fail("unknown option '" + std::string(a) + "'");
+//     else args.help_or_unknown(a);   // --help / -h, or an unknown option
 //   }
 
 #include <cmath>
@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <functional>
 #include <string>
+#include <string_view>
 
 namespace example {
 
@@ -28,6 +29,16 @@ class cli {
     std::fprintf(stderr, "%s: %s\n", argv_[0], what.c_str());
     usage_(stderr);
     std::exit(2);
+  }
+
+  /// The last branch of an option loop: --help or -h prints the usage to stdout and exits with
+  /// status 0; anything else is an unknown option (fail). For a usage that only prints.
+  [[noreturn]] void help_or_unknown(std::string_view option) const {
+    if (option == "--help" || option == "-h") {
+      usage_(stdout);
+      std::exit(0);
+    }
+    fail("unknown option '" + std::string(option) + "'");
   }
 
   /// The value after option argv[i] (i moves onto it).

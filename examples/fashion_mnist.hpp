@@ -87,12 +87,7 @@ inline settings parse(int argc, char** argv, settings s) {
     else if (a == "--train-limit") s.train_limit = integer(i, 1);
     else if (a == "--csv") s.csv = value(i);
     else if (a == "--no-progress") s.progress = false;
-    else if (a == "--help" || a == "-h") {
-      usage(argv[0], defaults, stdout);
-      std::exit(0);
-    } else {
-      args.fail("unknown option '" + std::string(a) + "'");
-    }
+    else args.help_or_unknown(a);
   }
   return s;
 }
