@@ -53,6 +53,18 @@ tensor_view<const S, D> activation_backward(context<Policy>& ctx, activation act
   return t;
 }
 
+/// Adds the column sums of dz (rows, out), summed in A, to the gradient of `bias` and reports
+/// it ready.
+template <class A, policy_bundle Policy, class S, class D>
+void accumulate_bias_gradient(context<Policy>& ctx, parameter_store<Policy>& store, parameter_handle bias,
+                              tensor_view<const S, D> dz) {
+  auto db = ctx.template allocate<A>({dz.size(1)});
+  sum(dz, 0, db);
+  auto g = store.grad(bias);
+  add(g, db, g);
+  store.grad_ready(bias);
+}
+
 /// A linear (fully connected) layer with an optional bias and fused activation.
 /// @tparam Policy the policy bundle
 template <policy_bundle Policy>
@@ -164,13 +176,7 @@ class linear {
     // dW += dz^T x
     accumulate_product(ctx, dz.t(), x_, store_->grad(weight_));
     // db += sum over rows of dz
-    if (bias_.valid()) {
-      auto db = ctx.template allocate<A>({out_});
-      sum(dz, 0, db);
-      auto g = store_->grad(bias_);
-      add(g, db, g);
-      store_->grad_ready(bias_);
-    }
+    if (bias_.valid()) accumulate_bias_gradient<A>(ctx, *store_, bias_, dz);
     if (!tied_) store_->grad_ready(weight_);  // a tied weight is reported by its owner
     if (!input_grad_) return {};
     // dx = dz W

@@ -233,13 +233,7 @@ class qat_linear {
     gemm_options acc;
     acc.beta = 1.0;
     gemm(dz.t(), tensor_view<const S, D>(xq_), store_->grad(weight_), acc);
-    if (bias_.valid()) {
-      auto db = ctx.template allocate<S>({out_});
-      sum(dz, 0, db);
-      auto g = store_->grad(bias_);
-      add(g, db, g);
-      store_->grad_ready(bias_);
-    }
+    if (bias_.valid()) nn::accumulate_bias_gradient<S>(ctx, *store_, bias_, dz);
     store_->grad_ready(weight_);
     if (!input_grad_) return {};
     auto dx = ctx.template allocate<S>({rows_, in_});
