@@ -30,10 +30,10 @@
 // dense kernels), and for the students how often they agree with the teacher's predictions.
 // Latencies are indicative: one process, one batch, a median over --passes runs.
 //
-//   build/examples/compress_demo                 # full run on all 60000 images (~15 min on 2 cores)
+//   build/examples/compress_demo                 # full run on all 60000 images (14 min on 2 shared cores)
 //   build/examples/compress_demo --quick         # 4000 images, one epoch each (CTest)
 //   build/examples/compress_demo --load mlp.bin  # train once, reuse the baseline after
-//   build/examples/compress_demo --load mlp.bin --only distill --select-distill
+//   build/examples/compress_demo --load mlp.bin --only distill --select-distill   # the grid: ~12 min more
 //
 // Ends with `RESULT example=compress_demo` and the test accuracy of each row
 // (fp32, ptq_int8, qat_int8, int4, prune50, prune90, shrunk, sparse24, student_distilled,
