@@ -48,11 +48,14 @@ class masked : public Optimizer {
   /// its options and parameter groups.
   explicit masked(const mask_set& masks, typename Optimizer::options o = {}, std::vector<optim::group_spec> groups = {})
       : Optimizer(o, std::move(groups)), masks_(&masks) {}
+  /// A temporary mask set would be gone before the first step: keep the masks in a variable.
+  explicit masked(const mask_set&& masks, typename Optimizer::options o = {}, std::vector<optim::group_spec> groups = {}) = delete;
 
   /// The masks followed.
   const mask_set& masks() const noexcept { return *masks_; }
   /// Follows other masks from now on (referenced).
   void set_masks(const mask_set& masks) noexcept { masks_ = &masks; }
+  void set_masks(const mask_set&& masks) = delete;
 
   /// Whole-store step with masked gradients, then masked master and params.
   template <policy_bundle P>
