@@ -17,7 +17,8 @@
 //                             epochs, then 3 epochs at 90%, under prune::masked<optim::adamw>
 //   structured (shrunk)       hidden units ranked by L2 norm, half kept, a smaller dense model, fine-tuned
 //   2:4                       N:M semi-structured sparsity, 3 epochs fine-tuned with the mask held
-//   student (distilled)       784-64-10 trained on Hinton's loss against the baseline (20 epochs)
+//   teacher (CNN)             fashion_mnist_cnn's network trained by its recipe (15 epochs; --teacher mlp: the baseline)
+//   student (distilled)       784-64-10 trained on Hinton's loss against the teacher (20 epochs)
 //   student (alone)           the same student, same initialisation, batches, steps and schedule, on the labels only
 //
 // Pruned models are stored and run dense (trident keeps pruned weights as zeros in dense storage).
@@ -30,14 +31,14 @@
 // dense kernels), and for the students how often they agree with the teacher's predictions.
 // Latencies are indicative: one process, one batch, a median over --passes runs.
 //
-//   build/examples/compress_demo                 # full run on all 60000 images (14 min on 2 shared cores)
+//   build/examples/compress_demo                 # full run on all 60000 images (about 20 min on 2 cores)
 //   build/examples/compress_demo --quick         # 4000 images, one epoch each (CTest)
 //   build/examples/compress_demo --load mlp.bin  # train once, reuse the baseline after
 //   build/examples/compress_demo --load mlp.bin --only distill --select-distill   # the grid: ~12 min more
 //
 // Ends with `RESULT example=compress_demo` and the test accuracy of each row
-// (fp32, ptq_int8, qat_int8, int4, prune50, prune90, shrunk, sparse24, student_distilled,
-// student_alone).
+// (fp32, ptq_int8, qat_int8, int4, prune50, prune90, shrunk, sparse24, teacher,
+// student_distilled, student_alone).
 #include <omp.h>
 
 #include <algorithm>
