@@ -202,6 +202,14 @@ settings parse(int argc, char** argv) {
 // ---------------------------------------------------------------------------------------------
 // Models
 
+/// Initialises a model's weights from `seed` (each layer's own scheme) and its fp32 master copy.
+template <class Model>
+void init_model(Model& m, std::uint64_t seed) {
+  generator g(seed);
+  m.net.init(g);
+  m.store.master_from_params();
+}
+
 /// fashion_mnist_mlp's model with hidden widths h1, h2 (512, 256; smaller when shrunk).
 struct mlp {
   using net_type = nn::sequential<P, nn::flatten<P>, nn::linear<P>, nn::dropout<P>, nn::linear<P>, nn::dropout<P>, nn::linear<P>>;
@@ -218,11 +226,6 @@ struct mlp {
         h1(hidden1), h2(hidden2) {
     net.get<1>().set_input_grad(false);  // the input is data
     store.allocate();
-  }
-  void init(std::uint64_t seed) {
-    generator g(seed);
-    net.init(g);
-    store.master_from_params();
   }
 };
 
@@ -250,11 +253,6 @@ struct cnn_teacher {
     net.get<0>().set_input_gradient(false);  // the input is data
     store.allocate();
   }
-  void init(std::uint64_t seed) {
-    generator g(seed);
-    net.init(g);
-    store.master_from_params();
-  }
 };
 
 /// The student: 784-h-10.
@@ -266,11 +264,6 @@ struct student_mlp {
             nn::linear<P>(store, "fc2", hidden, 10)} {
     net.get<1>().set_input_grad(false);
     store.allocate();
-  }
-  void init(std::uint64_t seed) {
-    generator g(seed);
-    net.init(g);
-    store.master_from_params();
   }
 };
 
@@ -416,7 +409,7 @@ template <class Teacher>
 std::unique_ptr<student_mlp> train_student(Teacher& teacher, tensor_view<const float> images, std::span<const std::int32_t> labels,
                                            int epochs, double temperature, double alpha, const settings& s) {
   auto student = std::make_unique<student_mlp>(s.student_hidden);
-  student->init(s.seed + 1);
+  init_model(*student, s.seed + 1);
   io::batch_loader<float> loader(images, labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed});
   optim::adamw opt({.lr = s.lr, .weight_decay = s.weight_decay});
   if (alpha < 0) {
@@ -714,7 +707,7 @@ int main(int argc, char** argv) {
       nn::load_weights(base.store, s.load);
       std::printf("baseline: loaded from %s\n", s.load.c_str());
     } else {
-      base.init(s.seed);
+      init_model(base, s.seed);
       io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed});
       optim::adamw opt({.lr = s.lr, .weight_decay = s.weight_decay});
       const auto r = fit(base.net, base.store, opt, s.epochs, loader, s);
@@ -753,7 +746,7 @@ int main(int argc, char** argv) {
         cnn_teacher teacher;
         // Always trained here: its batch-norm running statistics are module state, which
         // nn::save_weights (parameters only) does not keep.
-        teacher.init(s.seed + 5);
+        init_model(teacher, s.seed + 5);
         io::batch_loader<float> loader(d.train_images, d.train_labels, {.batch_size = s.batch, .shuffle = true, .seed = s.seed + 5});
         optim::adamw opt({.lr = s.teacher_lr, .weight_decay = s.weight_decay});
         const auto r = fit(teacher.net, teacher.store, opt, s.teacher_epochs, loader, s);
