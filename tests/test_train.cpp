@@ -17,6 +17,8 @@
 #include <trident/io/batches.hpp>
 #include <trident/trident.hpp>
 
+#include "blobs_fixture.hpp"
+
 using namespace trident;
 
 namespace {
@@ -65,24 +67,7 @@ struct pass_through {
   std::int64_t flops() const { return 7 * rows; }
 };
 
-/// Two Gaussian blobs per class in 8 dimensions: a problem an MLP learns in a few epochs.
-struct blobs {
-  tensor<float> x;
-  std::vector<std::int32_t> y;
-  blobs(index_t n, int classes, std::uint64_t seed) : x({n, 8}), y(static_cast<std::size_t>(n)) {
-    generator g(seed);
-    auto noise = tensor<float>({n, 8});
-    normal(noise, g, 0.0, 0.35);
-    for (index_t i = 0; i < n; ++i) {
-      const int c = static_cast<int>(i % classes);
-      y[static_cast<std::size_t>(i)] = c;
-      for (index_t j = 0; j < 8; ++j) {
-        const double centre = ((j % classes) == c ? 1.0 : 0.0) + (j == 7 ? 0.1 * c : 0.0);
-        x.data()[i * 8 + j] = static_cast<float>(centre + noise.data()[i * 8 + j]);
-      }
-    }
-  }
-};
+using blobs_fixture::blobs;
 
 template <class P>
 struct mlp {
