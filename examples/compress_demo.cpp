@@ -31,7 +31,7 @@
 // dense kernels), and for the students how often they agree with the teacher's predictions.
 // Latencies are indicative: one process, one batch, a median over --passes runs.
 //
-//   build/examples/compress_demo                 # full run on all 60000 images (about 20 min on 2 cores)
+//   build/examples/compress_demo                 # full run on all 60000 images (times in benchmarks/RESULTS.md)
 //   build/examples/compress_demo --quick         # 4000 images, one epoch each (CTest)
 //   build/examples/compress_demo --load mlp.bin  # train once, reuse the baseline after
 //   build/examples/compress_demo --load mlp.bin --only distill --select-distill   # the grid: ~12 min more
