@@ -306,6 +306,47 @@ TEST_CASE("mpi_comm: random values give the same bits on every rank, close to th
   CHECK(far == 0);
 }
 
+TEST_CASE_TEMPLATE("mpi_comm: blocking 2-byte reductions are the rank-order fp32 reduction rounded once, bit for bit",
+                   T, bfloat16, half) {
+  // Values whose fp32 sums depend on the order (1 + 2^-24 rounds to 1, while 2^-24 - 1 is
+  // exact: ((1 + e) + e) - 1 = 0 but (1 + e) + (e - 1) = e), so that a reduction in another
+  // order than rank order (Open MPI's recursive doubling at 4 ranks) gives other bits. The
+  // blocking 2-byte collectives reduce every piece in rank order, so the bits must be those of
+  // the reference (thread_comm's order), on every rank, at sizes that are not multiples of the
+  // number of ranks and across several of the reduction's blocks.
+  mpi_comm comm;
+  const int r = comm.rank(), p = comm.size();
+  auto x = [](int rank, index_t i) {
+    constexpr float pick[] = {1.0f, -1.0f, 0x1p-24f, -0x1p-24f, 0x1p-23f, 0.5f, -0.5f, 0x1.8p-24f};
+    const std::uint64_t u = mix(static_cast<std::uint64_t>(rank) * 104729 + static_cast<std::uint64_t>(i));
+    return T(pick[u % 8]);
+  };
+  for (const index_t n : {index_t{1}, index_t{3}, index_t{4099}, index_t{20011}}) {
+    for (const reduce_op op : {reduce_op::sum, reduce_op::average, reduce_op::max}) {
+      INFO("n = " << n << ", op " << to_string(op));
+      std::vector<T> all(static_cast<std::size_t>(n)), in(static_cast<std::size_t>(n * p)), shard(static_cast<std::size_t>(n));
+      for (index_t i = 0; i < n; ++i) all[static_cast<std::size_t>(i)] = x(r, i);
+      for (index_t i = 0; i < n * p; ++i) in[static_cast<std::size_t>(i)] = x(r, n + i);
+      comm.all_reduce(all.data(), n, op);
+      CHECK(count_wrong(all, n, p, op, [&](int s, index_t i) { return x(s, i); }) == 0);
+      comm.reduce_scatter(in.data(), shard.data(), n, op);
+      CHECK(count_wrong(shard, n, p, op, [&](int s, index_t i) { return x(s, n + r * n + i); }) == 0);
+      // reduce_scatter_v: rank s gets n + s elements
+      std::vector<index_t> counts(static_cast<std::size_t>(p));
+      index_t total = 0, mine_at = 0;
+      for (int s = 0; s < p; ++s) {
+        counts[static_cast<std::size_t>(s)] = n + s;
+        if (s < r) mine_at += n + s;
+        total += n + s;
+      }
+      std::vector<T> vin(static_cast<std::size_t>(total)), vout(static_cast<std::size_t>(n + r));
+      for (index_t i = 0; i < total; ++i) vin[static_cast<std::size_t>(i)] = x(r, 7 * n + i);
+      comm.reduce_scatter_v(vin.data(), vout.data(), counts.data(), op);
+      CHECK(count_wrong(vout, n + r, p, op, [&](int s, index_t i) { return x(s, 7 * n + mine_at + i); }) == 0);
+    }
+  }
+}
+
 TEST_CASE("mpi_comm: large buffers, non-blocking collectives overlapped with work and with blocking ones") {
   mpi_comm comm;
   const int r = comm.rank(), p = comm.size();

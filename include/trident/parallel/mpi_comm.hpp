@@ -15,21 +15,28 @@
 ///
 /// Element types. float, double and int32 travel and reduce as MPI_FLOAT, MPI_DOUBLE and
 /// MPI_INT32_T with MPI's own ops (average: MPI_SUM, then a local division by size()).
-/// bfloat16 and half are moved (all_gather, broadcast) as 2-byte words, but reduced in fp32:
-/// each rank widens its buffer into an fp32 scratch buffer, MPI reduces that with MPI_FLOAT,
-/// and the result is rounded back to the 2-byte type once. Cost of the 2-byte reductions: an
-/// fp32 scratch of n floats (all_reduce) or (size+1)*n_per_rank floats (reduce_scatter), kept
-/// by the communicator between blocking calls and owned by the request of a non-blocking one,
-/// two conversion passes, and twice the bytes on the wire of a 2-byte reduction. The
-/// alternative, a user-defined MPI_Op on 2-byte words, halves the traffic but rounds to 16
-/// bits at every step of MPI's reduction tree (size-1 roundings that depend on the tree),
-/// which is what this library promises not to do.
+/// bfloat16 and half are moved as 2-byte words and reduced in fp32, rounded once:
+///  - the blocking reductions (all_reduce, reduce_scatter, reduce_scatter_v) send each rank
+///    its piece of every other rank's buffer as 2-byte words (MPI_Alltoallv); the rank widens
+///    the pieces, reduces them in rank order in fp32 (block by block, in cache) and rounds once;
+///    all_reduce then gathers the rounded pieces (MPI_Allgatherv, 2-byte words). That moves
+///    half the bytes of an fp32 reduction, converts each element once where it is reduced,
+///    and gives exactly thread_comm's result (rank order, one rounding), whatever MPI's
+///    algorithms. Its cost: two collectives' latency where an fp32 buffer needs one, and a
+///    scratch of (size-1) pieces kept by the communicator between calls.
+///  - the non-blocking ones widen the buffer into an fp32 scratch that the request owns, let
+///    MPI reduce it with MPI_FLOAT (MPI_Iallreduce, ...) and round back once on completion:
+///    a single MPI collective to wait for, in MPI's order, with twice the bytes.
+/// A user-defined MPI_Op on 2-byte words would round to 16 bits at every step of MPI's
+/// reduction tree (size-1 roundings that depend on the tree), which this library promises
+/// not to do.
 ///
-/// Order. MPI chooses the reduction order (its algorithm depends on the size and the
-/// implementation), so unlike thread_comm the order is not rank order; MPI implementations
-/// give the same result on every rank and, for the same ranks, sizes and process layout, the
-/// same result every run. Results are exactly those of a rank-order reduction whenever the
-/// fp32 (fp64) sums involved are exact.
+/// Order. MPI chooses the reduction order of its own reductions (float, double, int32, and the
+/// non-blocking 2-byte ones): its algorithm depends on the size and the implementation, so
+/// unlike thread_comm the order is not rank order; MPI implementations give the same result
+/// on every rank and, for the same ranks, sizes and process layout, the same result every run.
+/// Results are exactly those of a rank-order reduction whenever the fp32 (fp64) sums involved
+/// are exact, and always for the blocking 2-byte reductions.
 ///
 /// Threads. mpi_environment initialises MPI with MPI_THREAD_FUNNELED: call an mpi_comm from
 /// the main thread only. Non-blocking collectives progress inside MPI calls (test(), wait(),
@@ -46,6 +53,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstddef>
 #include <cstring>
@@ -53,6 +61,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "communicator.hpp"
 #include "mpi_types.hpp"
@@ -220,11 +229,11 @@ class mpi_comm {
     const int count = detail::mpi_count(n, "all_reduce");
     const auto len = static_cast<std::size_t>(n);
     if constexpr (detail::is_two_byte_float<T>) {
-      float* scratch = scratch_.get<float>(len);
-      detail::to_accumulator(data, scratch, len);
-      detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, scratch, count, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Allreduce");
-      if (op == reduce_op::average) detail::divide_by(scratch, len, size_);
-      detail::from_accumulator(scratch, data, len);
+      if (size_ == 1) return;  // one value, summed alone and rounded once, is itself
+      int* c = even_pieces(n);
+      const int* d = c + size_;
+      reduce_pieces(data, data + d[rank_], c, d, op);
+      detail::check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, mpi_type<T>(), data, c, d, mpi_type<T>(), comm_), "MPI_Allgatherv");
     } else {
       detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, data, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Allreduce");
       if (op == reduce_op::average) detail::divide_by(data, len, size_);
@@ -239,13 +248,10 @@ class mpi_comm {
     const int count = detail::mpi_count(n_per_rank, "reduce_scatter");
     const auto len = static_cast<std::size_t>(n_per_rank);
     if constexpr (detail::is_two_byte_float<T>) {
-      const std::size_t total = len * static_cast<std::size_t>(size_);
-      float* scratch = scratch_.get<float>(total + len);
-      detail::to_accumulator(in, scratch, total);
-      detail::check_mpi(MPI_Reduce_scatter_block(scratch, scratch + total, count, MPI_FLOAT, detail::mpi_op(op), comm_),
-                        "MPI_Reduce_scatter_block");
-      if (op == reduce_op::average) detail::divide_by(scratch + total, len, size_);
-      detail::from_accumulator(scratch + total, out, len);
+      int* c = piece_ints();
+      int* d = c + size_;
+      for (int s = 0; s < size_; ++s) c[s] = count, d[s] = s * count;
+      reduce_pieces(in, out, c, d, op);
     } else {
       detail::check_mpi(MPI_Reduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter_block");
       if (op == reduce_op::average) detail::divide_by(out, len, size_);
@@ -268,8 +274,12 @@ class mpi_comm {
   void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
     auto ints = v_arrays(counts, "reduce_scatter_v");
     check_reduce_scatter_v(in, out, counts, op);
-    mpi_request r = start_reduce_scatter_v(in, out, counts, op, std::move(ints), false);
-    r.wait();
+    if constexpr (detail::is_two_byte_float<T>) {
+      reduce_pieces(in, out, ints.get(), ints.get() + size_, op);
+    } else {
+      mpi_request r = start_reduce_scatter_v(in, out, counts, op, std::move(ints), false);
+      r.wait();
+    }
   }
 
   /// out = the ranks' in[0, counts[s]) in rank order. `in` may be this rank's piece of `out`
@@ -450,6 +460,68 @@ class mpi_comm {
     detail::check_disjoint_gather_v(in, counts[rank_], out, total, my_displ, "mpi_comm", "all_gather_v");
   }
 
+  /// The blocking 2-byte reductions: rank s gets piece s (counts[s] elements at displs[s]) of
+  /// every other rank's `in` as 2-byte words (MPI_Alltoallv), widens the pieces and reduces
+  /// them in rank order in fp32, block by block, and rounds once into `out` (counts[rank]
+  /// elements; `out` may be this rank's own piece of `in`, which never travels).
+  template <class T>
+  void reduce_pieces(const T* in, T* out, const int* counts, const int* displs, reduce_op op) {
+    const int p = size_, me = rank_;
+    const auto mine = static_cast<std::size_t>(counts[me]);
+    // Scratch: the other ranks' pieces (slot s at s * mine), then two fp32 blocks.
+    const std::size_t piece_bytes = (mine * static_cast<std::size_t>(p) * sizeof(T) + 63) / 64 * 64;
+    auto* base = scratch_.get<unsigned char>(piece_bytes + 2 * block * sizeof(float));
+    T* recv = reinterpret_cast<T*>(base);
+    float* acc = reinterpret_cast<float*>(base + piece_bytes);
+    float* tmp = acc + block;
+    int* sc = piece_ints() + 2 * p;  // after the callers' counts and displacements
+    int* sd = sc + p;
+    int* rc = sd + p;
+    int* rd = rc + p;
+    for (int s = 0; s < p; ++s) {
+      sc[s] = s == me ? 0 : counts[s];
+      sd[s] = displs[s];
+      rc[s] = s == me ? 0 : counts[me];
+      rd[s] = s * counts[me];
+    }
+    detail::check_mpi(MPI_Alltoallv(in, sc, sd, mpi_type<T>(), recv, rc, rd, mpi_type<T>(), comm_), "MPI_Alltoallv");
+    const T* own = in + displs[me];
+    for (std::size_t i = 0; i < mine; i += block) {
+      const std::size_t m = std::min(block, mine - i);
+      auto piece = [&](int s) { return (s == me ? own : recv + static_cast<std::size_t>(s) * mine) + i; };
+      detail::to_accumulator(piece(0), acc, m);
+      for (int s = 1; s < p; ++s) {
+        detail::to_accumulator(piece(s), tmp, m);
+        detail::combine_into(acc, tmp, m, op);
+      }
+      detail::finish_reduction(acc, m, op, p);
+      // Rounded in the scratch, then copied: out + i of a runtime length, where an inlined
+      // vector store would make GCC warn about one-element outputs (all_reduce(&x, 1, ...)).
+      T* narrow = reinterpret_cast<T*>(tmp);
+      detail::from_accumulator(acc, narrow, m);
+      std::memcpy(out + i, narrow, m * sizeof(T));
+    }
+  }
+
+  /// 6 * size ints: a collective's counts and displacements, then reduce_pieces' four arrays.
+  int* piece_ints() {
+    pieces_.resize(static_cast<std::size_t>(6 * size_));
+    return pieces_.data();
+  }
+
+  /// Counts and displacements (in piece_ints()) of thread_comm's split of n elements: the
+  /// first n % size ranks get one more.
+  int* even_pieces(index_t n) {
+    int* c = piece_ints();
+    int* d = c + size_;
+    const index_t q = n / size_, rem = n % size_;
+    for (int s = 0; s < size_; ++s) {
+      c[s] = static_cast<int>(q + (s < rem ? 1 : 0));
+      d[s] = static_cast<int>(s * q + std::min<index_t>(s, rem));
+    }
+    return c;
+  }
+
   void free() noexcept {
     if (comm_ == MPI_COMM_NULL) return;
     int finalized = 0;
@@ -486,12 +558,15 @@ class mpi_comm {
     return n > 0 && in == out + static_cast<std::size_t>(rank_) * static_cast<std::size_t>(n);
   }
 
+  static constexpr std::size_t block = 4096;  // elements of a 2-byte reduction per pass over the ranks
+
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
   // fp32 staging of the blocking 2-byte reductions, kept between calls (a fresh buffer each
   // time page-faults its way in on every call); a non-blocking one owns its staging until done
   detail::comm_scratch scratch_;
+  std::vector<int> pieces_;  // piece_ints()
 };
 
 static_assert(comm_request<mpi_request>);
