@@ -1,36 +1,32 @@
 // P6: trident's mpi_comm collectives against the plain MPI calls they wrap, on the same buffers,
 // in the same process: all_reduce (sum, in place) against MPI_Allreduce(MPI_IN_PLACE),
 // reduce_scatter against MPI_Reduce_scatter_block, all_gather against MPI_Allgather, broadcast
-// against MPI_Bcast, all on fp32 buffers of each size; and bf16 all_reduce against MPI_Allreduce
-// of an fp32 buffer of the same element count (mpi_comm reduces 2-byte types in fp32: it widens,
-// reduces fp32 and rounds back, so MPI's fp32 reduction is the honest peer), bf16 all_gather
-// against MPI_Allgather of 2-byte words. The plain calls run on MPI_COMM_WORLD; mpi_comm on its
+// against MPI_Bcast, all on fp32 buffers of each size; bf16 all_reduce and reduce_scatter
+// against MPI_Allreduce and MPI_Reduce_scatter_block of an fp32 buffer of the same element count
+// (mpi_comm reduces 2-byte types in fp32 and rounds once, which MPI cannot do on 2-byte words:
+// MPI's fp32 reduction of the same values is the honest peer), bf16 all_gather against
+// MPI_Allgather of 2-byte words. The plain calls run on MPI_COMM_WORLD; mpi_comm on its
 // duplicate of it.
 //
 // Sizes are the bytes of the fp32 buffer as nccl-tests counts them (all_reduce and broadcast:
 // the buffer; reduce_scatter: the input of size × n_per_rank; all_gather: the output), so one
 // size means the same element count for every collective. bf16 rows have that element count.
 // Bus bandwidth follows nccl-tests: busbw = bytes / time × 2(n-1)/n for all_reduce, × (n-1)/n
-// for reduce_scatter and all_gather, × 1 for broadcast (n ranks). bf16 all_reduce counts 4 bytes
-// per element (what crosses between the ranks in both: mpi_comm sends its fp32 widening).
+// for reduce_scatter and all_gather, × 1 for broadcast (n ranks). The bf16 reductions count 4
+// bytes per element, their peer's, so that both columns compare the same element count (mpi_comm
+// moves 2 bytes per element of them).
 //
 // A measurement is: barrier, `iters` back-to-back calls, the time per call of the slowest rank.
 // `iters` is set once per case so that a measurement of the plain call lasts --min-seconds, and
 // both use it. Each round measures every case, ours and MPI in alternating order; the table
 // gives medians over the rounds of busbw and of the per-round ratio ours/MPI (= MPI time / our
 // time). Before timing, each collective's result is checked bitwise against the plain call's on
-// rank-dependent values (bf16 all_reduce: against MPI's fp32 sum rounded once to bf16).
+// rank-dependent values (the bf16 reductions: against MPI's fp32 result rounded once to bf16).
 // Timed all_reduce buffers hold zeros, so repeated in-place sums stay finite and normal.
-//
-// After the rounds, bf16 all_reduce is taken apart (each size, 3 interleaved measurements):
-// the widening and narrowing passes alone; the same three steps as mpi_comm::all_reduce (widen,
-// MPI_Allreduce of fp32, narrow) on a scratch kept across calls; and ours, which allocates its
-// fp32 scratch per call (std::make_unique_for_overwrite); each with its minor page faults per
-// call, so that what the widening costs and what the per-call allocation costs are told apart.
 //
 //   mpiexec -n 2 bench_collectives [--sizes 64K,1M,16M,64M] [--rounds 5] [--min-seconds 0.2] [--json]
 //
-// Environment: OMP_NUM_THREADS=1 (the conversion passes of bf16 all_reduce are single-threaded
+// Environment: OMP_NUM_THREADS=1 (the conversions of the bf16 reductions are single-threaded
 // either way; this only keeps OpenMP from spinning beside MPI).
 #include <trident/mpi.hpp>
 
@@ -44,8 +40,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <sys/resource.h>
 
 #include "common.hpp"
 
@@ -72,20 +66,6 @@ double time_calls(const std::function<void()>& f, int iters) {
   double local = std::chrono::duration<double>(bench::clock_type::now() - t0).count() / iters, slowest = 0;
   MPI_Allreduce(&local, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   return slowest;
-}
-
-/// Minor page faults of this process so far.
-long minor_faults() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return u.ru_minflt;
-}
-
-/// The slowest rank's value.
-double max_over_ranks(double local) {
-  double m = 0;
-  MPI_Allreduce(&local, &m, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return m;
 }
 
 /// Whether every rank says ok.
@@ -144,6 +124,15 @@ bool check_results(mpi_comm& comm, index_t n) {
   for (index_t i = 0; i < n; ++i) href[static_cast<std::size_t>(i)] = bfloat16(b[static_cast<std::size_t>(i)]);
   ok = ok && same_bits(h.data(), href.data(), n);
 
+  for (index_t i = 0; i < n; ++i) {
+    b[static_cast<std::size_t>(i)] = exact_value(rank, i);
+    h[static_cast<std::size_t>(i)] = bfloat16(b[static_cast<std::size_t>(i)]);
+  }
+  comm.reduce_scatter(h.data(), hout.data(), per, reduce_op::sum);
+  MPI_Reduce_scatter_block(b.data(), outb.data(), static_cast<int>(per), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  for (index_t i = 0; i < per; ++i) href[static_cast<std::size_t>(i)] = bfloat16(outb[static_cast<std::size_t>(i)]);
+  ok = ok && same_bits(hout.data(), href.data(), per);
+
   for (index_t i = 0; i < n; ++i) h[static_cast<std::size_t>(i)] = bfloat16(exact_value(rank, i));
   comm.all_gather(h.data(), hout.data(), per);
   MPI_Allgather(h.data(), static_cast<int>(per), MPI_UINT16_T, href.data(), static_cast<int>(per), MPI_UINT16_T, MPI_COMM_WORLD);
@@ -173,12 +162,13 @@ index_t parse_size(const std::string& s) {
 /// The buffers of one size (fp32 elements n, a multiple of the size), shared by ours and MPI.
 struct buffers {
   tensor<float> reduce, scatter_in, scatter_out, gather_in, gather_out, bcast, peer16;
-  tensor<bfloat16> reduce16, gather16_in, gather16_out;
+  tensor<bfloat16> reduce16, scatter16_in, scatter16_out, gather16_in, gather16_out;
   buffers(index_t n, int rank, int size)
       : reduce(tensor<float>::uninitialized({n})), scatter_in(tensor<float>::uninitialized({n})),
         scatter_out(tensor<float>::uninitialized({n / size})), gather_in(tensor<float>::uninitialized({n / size})),
         gather_out(tensor<float>::uninitialized({n})), bcast(tensor<float>::uninitialized({n})),
         peer16(tensor<float>::uninitialized({n})), reduce16(tensor<bfloat16>::uninitialized({n})),
+        scatter16_in(tensor<bfloat16>::uninitialized({n})), scatter16_out(tensor<bfloat16>::uninitialized({n / size})),
         gather16_in(tensor<bfloat16>::uninitialized({n / size})), gather16_out(tensor<bfloat16>::uninitialized({n})) {
     // Every page touched before timing; all_reduce buffers hold zeros (repeated in-place sums).
     std::fill_n(reduce.data(), n, 0.0f);
@@ -186,11 +176,13 @@ struct buffers {
     std::fill_n(reduce16.data(), n, bfloat16(0.0f));
     for (index_t i = 0; i < n; ++i) {
       scatter_in.data()[i] = bcast.data()[i] = exact_value(rank, i);
+      scatter16_in.data()[i] = bfloat16(exact_value(rank, i));
       gather_out.data()[i] = 0.0f;
       gather16_out.data()[i] = bfloat16(0.0f);
     }
     for (index_t i = 0; i < n / size; ++i) {
       scatter_out.data()[i] = 0.0f;
+      scatter16_out.data()[i] = bfloat16(0.0f);
       gather_in.data()[i] = exact_value(rank, i);
       gather16_in.data()[i] = bfloat16(exact_value(rank, i));
     }
@@ -267,6 +259,11 @@ int main(int argc, char** argv) {
     add("all_reduce", "bf16 (MPI: fp32)", n, fbytes, allreduce_factor,
                      [&comm, &b, n] { comm.all_reduce(b.reduce16.data(), n, reduce_op::sum); },
                      [&b, cn] { MPI_Allreduce(MPI_IN_PLACE, b.peer16.data(), cn, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD); });
+    add("reduce_scatter", "bf16 (MPI: fp32)", n, fbytes, part_factor,
+                     [&comm, &b, per] { comm.reduce_scatter(b.scatter16_in.data(), b.scatter16_out.data(), per, reduce_op::sum); },
+                     [&b, cper] {
+                       MPI_Reduce_scatter_block(b.scatter_in.data(), b.scatter_out.data(), cper, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+                     });
     add("all_gather", "bf16", n, 2.0 * static_cast<double>(n), part_factor,
                      [&comm, &b, per] { comm.all_gather(b.gather16_in.data(), b.gather16_out.data(), per); },
                      [&b, cper] {
@@ -301,51 +298,6 @@ int main(int argc, char** argv) {
     }
   }
 
-  // bf16 all_reduce taken apart, per size: the widening and narrowing passes alone, and the
-  // same three steps as mpi_comm::all_reduce (widen, MPI_Allreduce in fp32, narrow) but on a
-  // scratch kept across calls, against ours, which allocates its scratch per call; with the
-  // minor page faults per call of each (getrusage, the most of any rank).
-  struct overhead {
-    index_t n;
-    double convert, reused, ours, faults_reused, faults_ours;
-  };
-  std::vector<overhead> extra;
-  for (std::size_t s = 0; s < bufs.size(); ++s) {
-    const auto& c = cases[s * 6 + 4];
-    const index_t n = c.elements;
-    const auto len = static_cast<std::size_t>(n);
-    const int cn = static_cast<int>(n);
-    bfloat16* data = bufs[s]->reduce16.data();
-    auto scratch = std::make_unique_for_overwrite<float[]>(len);
-    const std::function<void()> convert = [&] {
-      detail::to_accumulator(data, scratch.get(), len);
-      detail::from_accumulator(scratch.get(), data, len);
-    };
-    const std::function<void()> reused = [&] {
-      detail::to_accumulator(data, scratch.get(), len);
-      MPI_Allreduce(MPI_IN_PLACE, scratch.get(), cn, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-      detail::from_accumulator(scratch.get(), data, len);
-    };
-    auto faults_per_call = [&](const std::function<void()>& f) {
-      const long before = minor_faults();
-      const double t = time_calls(f, c.iters);
-      return std::pair{t, max_over_ranks(static_cast<double>(minor_faults() - before) / c.iters)};
-    };
-    convert();
-    reused();
-    std::vector<double> tc, tr, to, fr, fo;
-    for (int k = 0; k < 3; ++k) {
-      tc.push_back(time_calls(convert, c.iters));
-      const auto [r1, f1] = faults_per_call(reused);
-      const auto [o1, f2] = faults_per_call(c.ours);
-      tr.push_back(r1);
-      fr.push_back(f1);
-      to.push_back(o1);
-      fo.push_back(f2);
-    }
-    extra.push_back({n, bench::median(tc), bench::median(tr), bench::median(to), bench::median(fr), bench::median(fo)});
-  }
-
   if (rank == 0) {
     std::printf("# bench_collectives: %d ranks, %d rounds, >= %.2f s per measurement; results against the plain calls: %s\n", size,
                 args.rounds, args.min_seconds, ok ? "ok" : "FAILED");
@@ -358,15 +310,6 @@ int main(int argc, char** argv) {
                   to * 1e6, tp * 1e6, bench::spread(c.ratio, "%.3f").c_str());
     }
     std::printf("# ours/MPI: median [min, max] of the per-round ratios (MPI time / our time); bar >= 0.95\n");
-    std::printf("# bf16 all_reduce taken apart (us per call, slowest rank; faults: minor page faults per call, most of any rank):\n");
-    std::printf("| elements | MPI fp32 all_reduce (the peer) | widen + narrow alone | widen + MPI + narrow, scratch kept | ours (scratch per call) | "
-                "faults, scratch kept | faults, ours | scratch kept / MPI | ours / MPI |\n|---|---|---|---|---|---|---|---|---|\n");
-    for (std::size_t s = 0; s < extra.size(); ++s) {
-      const auto& e = extra[s];
-      const double tp = bench::median(cases[s * 6 + 4].t_plain);
-      std::printf("| %lld | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.3f | %.3f |\n", static_cast<long long>(e.n), tp * 1e6, e.convert * 1e6,
-                  e.reused * 1e6, e.ours * 1e6, e.faults_reused, e.faults_ours, tp / e.reused, tp / e.ours);
-    }
     if (args.json) {
       for (const auto& c : cases) {
         const double to = bench::median(c.t_ours), tp = bench::median(c.t_plain);
@@ -376,12 +319,6 @@ int main(int argc, char** argv) {
                     size, c.op.c_str(), c.dtype.substr(0, 4).c_str(), static_cast<long long>(c.elements), c.bytes, to * 1e6, tp * 1e6,
                     c.bytes / to * c.bus_factor * 1e-9, c.bytes / tp * c.bus_factor * 1e-9, bench::median(c.ratio),
                     bench::min_of(c.ratio), bench::max_of(c.ratio), ok ? "true" : "false");
-      }
-      for (std::size_t s = 0; s < extra.size(); ++s) {
-        const auto& e = extra[s];
-        std::printf("{\"bench\":\"collectives_bf16_parts\",\"ranks\":%d,\"elements\":%lld,\"convert_us\":%.3f,\"kept_us\":%.3f,"
-                    "\"ours_us\":%.3f,\"faults_kept\":%.1f,\"faults_ours\":%.1f}\n",
-                    size, static_cast<long long>(e.n), e.convert * 1e6, e.reused * 1e6, e.ours * 1e6, e.faults_reused, e.faults_ours);
       }
     }
   }
