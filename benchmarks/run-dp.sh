@@ -22,7 +22,7 @@ min_seconds="${MIN_SECONDS:-1}"
 precision="${PRECISION:-fp32}"
 batch="${BATCH:-256}"
 bucket=()
-[[ -n "${BUCKET:-}" ]] && bucket=(--bucket "$BUCKET")  # elements per gradient bucket (default: the step's, 2^24)
+[[ -n "${BUCKET:-}" ]] && bucket=(--bucket "$BUCKET")  # elements per gradient bucket (default: the step's, 2^21)
 bench_build bench_dp
 
 # Open MPI refuses to run as root without these (containers).

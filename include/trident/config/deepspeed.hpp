@@ -149,7 +149,7 @@ struct bf16_config {
 struct zero_config {
   int stage = 0;  ///< 0 (data parallel), 1, 2 or 3
   /// Elements per gradient collective. DeepSpeed's default, 5e8, is sized for GPUs; when the
-  /// key is absent this is parallel::distributed_options' default (2^24).
+  /// key is absent this is parallel::distributed_options' default (2^21).
   std::int64_t reduce_bucket_size = parallel::distributed_options{}.reduce_bucket_size;
   std::int64_t allgather_bucket_size = 500000000;  ///< recorded (ZeRO-1/2 all-gather the parameters in one pass)
   bool overlap_comm = false;                       ///< recorded (data parallel always launches its all-reduces during backward)

@@ -135,9 +135,13 @@ struct distributed_options {
   /// Elements per gradient collective (DeepSpeed's reduce_bucket_size): a data-parallel
   /// all-reduce bucket, or the elements a zero<1> reduce-scatter bucket takes from all ranks
   /// together. Smaller buckets start communication sooner and need less staging; larger ones
-  /// cost fewer collectives. DeepSpeed's default (5e8) is sized for GPUs; ours, 2^24 (64 MiB
-  /// of fp32), bounds the zero<1> staging on CPUs.
-  index_t reduce_bucket_size = index_t{1} << 24;
+  /// cost fewer collectives. DeepSpeed's default (5e8) is sized for GPUs and NCCL; ours, 2^21
+  /// (8 MiB of fp32), keeps each collective in the sizes shared-memory MPI reduces at full
+  /// speed: Open MPI's all-reduce of one 64 MiB buffer took 40-410 ms on the development
+  /// machine against 3-4 ms per 16 MiB, and data parallel over 2 ranks on the large GPT ran at
+  /// 1.4-1.5x one rank with the whole model in one bucket against 1.8-2.2x with
+  /// 2^18-2^22-element buckets (benchmarks/RESULTS.md).
+  index_t reduce_bucket_size = index_t{1} << 21;
   /// Bucket collectives started before the oldest is waited for (each zero<1> one has its own
   /// staging buffer).
   int max_in_flight = 2;
@@ -155,8 +159,8 @@ struct distributed_options {
   train::step_options step{};
 };
 
-/// Bytes one rank holds for training state, by role. A communicator's own scratch (mpi_comm
-/// widens 2-byte reductions into fp32 buffers for the duration of a collective) is not counted.
+/// Bytes one rank holds for training state, by role. A communicator's own scratch (mpi_comm's
+/// staging of 2-byte reductions) is not counted.
 struct memory_report {
   std::size_t params = 0;           ///< params in the storage type: the full buffer, or (zero<3>) the rank's partition
   std::size_t grads = 0;            ///< gradients kept for the step: the full buffer, or (zero<2>, zero<3>) the reduced shard
