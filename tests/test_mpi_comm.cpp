@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -306,31 +307,41 @@ TEST_CASE("mpi_comm: random values give the same bits on every rank, close to th
   CHECK(far == 0);
 }
 
-TEST_CASE_TEMPLATE("mpi_comm: blocking 2-byte reductions are the rank-order fp32 reduction rounded once, bit for bit",
-                   T, bfloat16, half) {
-  // Values whose fp32 sums depend on the order (1 + 2^-24 rounds to 1, while 2^-24 - 1 is
-  // exact: ((1 + e) + e) - 1 = 0 but (1 + e) + (e - 1) = e), so that a reduction in another
-  // order than rank order (Open MPI's recursive doubling at 4 ranks) gives other bits. The
-  // blocking 2-byte collectives reduce every piece in rank order, so the bits must be those of
-  // the reference (thread_comm's order), on every rank, at sizes that are not multiples of the
-  // number of ranks and across several of the reduction's blocks.
+TEST_CASE_TEMPLATE("mpi_comm: reductions done in pieces are the rank-order reduction rounded once, bit for bit", T, bfloat16,
+                   half, float, double) {
+  // Values whose sums in the accumulation type depend on the order (1 + e rounds to 1 where e
+  // is half an ulp of 1, while e - 1 is exact: ((1 + e) + e) - 1 = 0 but (1 + e) + (e - 1) = e),
+  // so that a reduction in another order than rank order (Open MPI's recursive doubling at 4
+  // ranks) gives other bits. Every floating-point reduce-scatter, blocking or not, and the
+  // blocking 2-byte all_reduce reduce in rank order whatever MPI's algorithms: the bits must be
+  // the reference's (thread_comm's order), at sizes that are not multiples of the number of
+  // ranks and across several of the reduction's blocks.
+  using A = comm_accumulator_t<T>;
   mpi_comm comm;
   const int r = comm.rank(), p = comm.size();
   auto x = [](int rank, index_t i) {
-    constexpr float pick[] = {1.0f, -1.0f, 0x1p-24f, -0x1p-24f, 0x1p-23f, 0.5f, -0.5f, 0x1.8p-24f};
+    const A e = std::numeric_limits<A>::epsilon() / 2;
+    const A pick[] = {A(1), A(-1), e, -e, 2 * e, A(0.5), A(-0.5), A(1.5) * e};
     const std::uint64_t u = mix(static_cast<std::uint64_t>(rank) * 104729 + static_cast<std::uint64_t>(i));
-    return T(pick[u % 8]);
+    if constexpr (two_byte<T>) return T(static_cast<float>(pick[u % 8]));
+    else return static_cast<T>(pick[u % 8]);
   };
   for (const index_t n : {index_t{1}, index_t{3}, index_t{4099}, index_t{20011}}) {
     for (const reduce_op op : {reduce_op::sum, reduce_op::average, reduce_op::max}) {
       INFO("n = " << n << ", op " << to_string(op));
-      std::vector<T> all(static_cast<std::size_t>(n)), in(static_cast<std::size_t>(n * p)), shard(static_cast<std::size_t>(n));
-      for (index_t i = 0; i < n; ++i) all[static_cast<std::size_t>(i)] = x(r, i);
+      if constexpr (two_byte<T>) {
+        std::vector<T> all(static_cast<std::size_t>(n));
+        for (index_t i = 0; i < n; ++i) all[static_cast<std::size_t>(i)] = x(r, i);
+        comm.all_reduce(all.data(), n, op);
+        CHECK(count_wrong(all, n, p, op, [&](int s, index_t i) { return x(s, i); }) == 0);
+      }
+      std::vector<T> in(static_cast<std::size_t>(n * p)), shard(static_cast<std::size_t>(n)), ishard(shard.size());
       for (index_t i = 0; i < n * p; ++i) in[static_cast<std::size_t>(i)] = x(r, n + i);
-      comm.all_reduce(all.data(), n, op);
-      CHECK(count_wrong(all, n, p, op, [&](int s, index_t i) { return x(s, i); }) == 0);
       comm.reduce_scatter(in.data(), shard.data(), n, op);
+      auto req = comm.ireduce_scatter(in.data(), ishard.data(), n, op);
+      req.wait();
       CHECK(count_wrong(shard, n, p, op, [&](int s, index_t i) { return x(s, n + r * n + i); }) == 0);
+      CHECK(count_wrong(ishard, n, p, op, [&](int s, index_t i) { return x(s, n + r * n + i); }) == 0);
       // reduce_scatter_v: rank s gets n + s elements
       std::vector<index_t> counts(static_cast<std::size_t>(p));
       index_t total = 0, mine_at = 0;
@@ -339,10 +350,14 @@ TEST_CASE_TEMPLATE("mpi_comm: blocking 2-byte reductions are the rank-order fp32
         if (s < r) mine_at += n + s;
         total += n + s;
       }
-      std::vector<T> vin(static_cast<std::size_t>(total)), vout(static_cast<std::size_t>(n + r));
+      std::vector<T> vin(static_cast<std::size_t>(total)), vout(static_cast<std::size_t>(n + r)), ivout(vout.size());
       for (index_t i = 0; i < total; ++i) vin[static_cast<std::size_t>(i)] = x(r, 7 * n + i);
       comm.reduce_scatter_v(vin.data(), vout.data(), counts.data(), op);
+      auto vreq = comm.ireduce_scatter_v(vin.data(), ivout.data(), counts.data(), op);
+      while (!vreq.test()) std::this_thread::yield();  // test() progresses it and finishes the reduction
+      CHECK(vreq.test());
       CHECK(count_wrong(vout, n + r, p, op, [&](int s, index_t i) { return x(s, 7 * n + mine_at + i); }) == 0);
+      CHECK(count_wrong(ivout, n + r, p, op, [&](int s, index_t i) { return x(s, 7 * n + mine_at + i); }) == 0);
     }
   }
 }

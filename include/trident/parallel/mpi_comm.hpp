@@ -6,37 +6,40 @@
 /// Design. An mpi_comm duplicates the MPI_Comm it is given (MPI_COMM_WORLD by default), so
 /// that trident's collectives can never match a collective of the user's on that
 /// communicator, and sets MPI_ERRORS_RETURN on the duplicate only, so MPI failures become
-/// mpi_error exceptions (naming the call) instead of aborting the job. The collectives map
-/// one to one onto MPI_Allreduce, MPI_Reduce_scatter_block, MPI_Allgather, MPI_Reduce_scatter
-/// and MPI_Allgatherv (the _v forms), MPI_Bcast, MPI_Barrier and the MPI-3 non-blocking
-/// MPI_Iallreduce, MPI_Ireduce_scatter_block, MPI_Iallgather, MPI_Ireduce_scatter and
-/// MPI_Iallgatherv; `mpi_request` wraps the MPI_Request (and owns the int count and
-/// displacement arrays of a non-blocking _v collective until it completes).
+/// mpi_error exceptions (naming the call) instead of aborting the job. The collectives are
+/// MPI_Allreduce, MPI_Allgather, MPI_Allgatherv (the _v form), MPI_Bcast, MPI_Barrier, their
+/// MPI-3 non-blocking forms, and the reductions below; `mpi_request` wraps the MPI_Request (and
+/// owns what a non-blocking collective needs until it completes: count and displacement
+/// arrays, staging, the step that finishes it).
 ///
-/// Element types. float, double and int32 travel and reduce as MPI_FLOAT, MPI_DOUBLE and
-/// MPI_INT32_T with MPI's own ops (average: MPI_SUM, then a local division by size()).
-/// bfloat16 and half are moved as 2-byte words and reduced in fp32, rounded once:
-///  - the blocking reductions (all_reduce, reduce_scatter, reduce_scatter_v) send each rank
-///    its piece of every other rank's buffer as 2-byte words (MPI_Alltoallv); the rank widens
-///    the pieces, reduces them in rank order in fp32 (block by block, in cache) and rounds once;
-///    all_reduce then gathers the rounded pieces (MPI_Allgatherv, 2-byte words). That moves
-///    half the bytes of an fp32 reduction, converts each element once where it is reduced,
-///    and gives exactly thread_comm's result (rank order, one rounding), whatever MPI's
-///    algorithms. Its cost: two collectives' latency where an fp32 buffer needs one, and a
-///    scratch of (size-1) pieces kept by the communicator between calls.
-///  - the non-blocking ones widen the buffer into an fp32 scratch that the request owns, let
-///    MPI reduce it with MPI_FLOAT (MPI_Iallreduce, ...) and round back once on completion:
-///    a single MPI collective to wait for, in MPI's order, with twice the bytes.
-/// A user-defined MPI_Op on 2-byte words would round to 16 bits at every step of MPI's
-/// reduction tree (size-1 roundings that depend on the tree), which this library promises
-/// not to do.
+/// Reductions. all_reduce of float, double and int32 is MPI_Allreduce (MPI_Iallreduce) with
+/// MPI's own op (average: MPI_SUM, then a local division by size()), and so are int32's
+/// reduce-scatters. The other reductions are done in pieces: each rank receives its piece of
+/// every other rank's buffer in the element type (MPI_Alltoallv, or MPI_Ialltoallv for the
+/// non-blocking ones, whose request reduces on completion), reduces the pieces in rank order
+/// in the accumulation type (fp32 for bfloat16 and half) and rounds once; all_reduce of the
+/// 2-byte types then gathers the rounded pieces (MPI_Allgatherv). That is every reduce_scatter
+/// and reduce_scatter_v of float, double, bfloat16 and half, blocking or not, and the blocking
+/// 2-byte all_reduce. Why:
+///  - Open MPI's reduce-scatters were 10-100x slower on this library's development machine
+///    than an all-to-all of the same pieces and a local sum (MPI_Ireduce_scatter at every
+///    size, MPI_Reduce_scatter_block from 16 MiB), and ZeRO-1/2/3 live on them;
+///  - 2-byte words are summed in fp32 and rounded once, which MPI cannot do (a user-defined
+///    MPI_Op on 2-byte words would round at every step of MPI's reduction tree), and moving
+///    them as 2-byte words halves the bytes of widening to fp32 first;
+///  - the result is thread_comm's, bit for bit, whatever MPI's algorithms.
+/// The cost: a scratch of (size-1) pieces (kept by the communicator between blocking calls,
+/// owned by the request of a non-blocking one) and, for the 2-byte all_reduce, two
+/// collectives' latency where MPI_Allreduce takes one. The non-blocking 2-byte all_reduce
+/// widens into an fp32 buffer the request owns, reduces it with MPI_Iallreduce of MPI_FLOAT
+/// and rounds back once on completion: one MPI request, in MPI's order.
 ///
-/// Order. MPI chooses the reduction order of its own reductions (float, double, int32, and the
-/// non-blocking 2-byte ones): its algorithm depends on the size and the implementation, so
-/// unlike thread_comm the order is not rank order; MPI implementations give the same result
-/// on every rank and, for the same ranks, sizes and process layout, the same result every run.
-/// Results are exactly those of a rank-order reduction whenever the fp32 (fp64) sums involved
-/// are exact, and always for the blocking 2-byte reductions.
+/// Order. Where MPI reduces (float, double and int32 all_reduce, int32 reduce-scatters, the
+/// non-blocking 2-byte all_reduce), it chooses the order: its algorithm depends on the size and
+/// the implementation, so unlike thread_comm the order is not rank order; MPI implementations
+/// give the same result on every rank and, for the same ranks, sizes and process layout, the
+/// same result every run. Those results are exactly a rank-order reduction's whenever the fp32
+/// (fp64) sums involved are exact; the reductions done in pieces always are.
 ///
 /// Threads. mpi_environment initialises MPI with MPI_THREAD_FUNNELED: call an mpi_comm from
 /// the main thread only. Non-blocking collectives progress inside MPI calls (test(), wait(),
@@ -55,6 +58,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <concepts>
 #include <cstddef>
 #include <cstring>
 #include <functional>
@@ -90,6 +94,10 @@ inline int mpi_count(index_t n, const char* call) {
 
 template <class T>
 constexpr bool is_two_byte_float = std::same_as<T, bfloat16> || std::same_as<T, half>;
+
+/// Whose reduce-scatters mpi_comm does in pieces (Alltoallv and a rank-order reduction).
+template <class T>
+constexpr bool reduced_in_pieces = is_two_byte_float<T> || std::floating_point<T>;
 
 /// The division of `average`, in the type MPI reduced in, done locally after the sum.
 template <class A>
@@ -246,15 +254,14 @@ class mpi_comm {
   void reduce_scatter(const T* in, T* out, index_t n_per_rank, reduce_op op) {
     check_reduce_scatter(in, out, n_per_rank, op);
     const int count = detail::mpi_count(n_per_rank, "reduce_scatter");
-    const auto len = static_cast<std::size_t>(n_per_rank);
-    if constexpr (detail::is_two_byte_float<T>) {
+    if constexpr (detail::reduced_in_pieces<T>) {
       int* c = piece_ints();
       int* d = c + size_;
       for (int s = 0; s < size_; ++s) c[s] = count, d[s] = s * count;
       reduce_pieces(in, out, c, d, op);
     } else {
       detail::check_mpi(MPI_Reduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter_block");
-      if (op == reduce_op::average) detail::divide_by(out, len, size_);
+      if (op == reduce_op::average) detail::divide_by(out, static_cast<std::size_t>(n_per_rank), size_);
     }
   }
 
@@ -274,7 +281,7 @@ class mpi_comm {
   void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
     auto ints = v_arrays(counts, "reduce_scatter_v");
     check_reduce_scatter_v(in, out, counts, op);
-    if constexpr (detail::is_two_byte_float<T>) {
+    if constexpr (detail::reduced_in_pieces<T>) {
       reduce_pieces(in, out, ints.get(), ints.get() + size_, op);
     } else {
       mpi_request r = start_reduce_scatter_v(in, out, counts, op, std::move(ints), false);
@@ -335,26 +342,20 @@ class mpi_comm {
   mpi_request ireduce_scatter(const T* in, T* out, index_t n_per_rank, reduce_op op) {
     check_reduce_scatter(in, out, n_per_rank, op);
     const int count = detail::mpi_count(n_per_rank, "ireduce_scatter");
-    const auto len = static_cast<std::size_t>(n_per_rank);
-    const int size = size_;
-    mpi_request r;
-    if constexpr (detail::is_two_byte_float<T>) {
-      const std::size_t total = len * static_cast<std::size_t>(size_);
-      r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
-      float* s = r.scratch_.get();
-      detail::to_accumulator(in, s, total);
-      detail::check_mpi(MPI_Ireduce_scatter_block(s, s + total, count, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_),
-                        "MPI_Ireduce_scatter_block");
-      r.finish_ = [res = s + total, out, len, op, size] {
-        if (op == reduce_op::average) detail::divide_by(res, len, size);
-        detail::from_accumulator(res, out, len);
-      };
+    if constexpr (detail::reduced_in_pieces<T>) {
+      int* c = piece_ints();
+      int* d = c + size_;
+      for (int s = 0; s < size_; ++s) c[s] = count, d[s] = s * count;
+      return start_pieces(in, out, c, d, op);
     } else {
+      const auto len = static_cast<std::size_t>(n_per_rank);
+      const int size = size_;
+      mpi_request r;
       detail::check_mpi(MPI_Ireduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_),
                         "MPI_Ireduce_scatter_block");
       if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
+      return r;
     }
-    return r;
   }
 
   /// Starts all_gather (MPI_Iallgather). Arguments are checked now.
@@ -373,7 +374,11 @@ class mpi_comm {
   mpi_request ireduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
     auto ints = v_arrays(counts, "ireduce_scatter_v");
     check_reduce_scatter_v(in, out, counts, op);
-    return start_reduce_scatter_v(in, out, counts, op, std::move(ints), true);
+    if constexpr (detail::reduced_in_pieces<T>) {
+      return start_pieces(in, out, ints.get(), ints.get() + size_, op);
+    } else {
+      return start_reduce_scatter_v(in, out, counts, op, std::move(ints), true);
+    }
   }
 
   /// Starts all_gather_v (MPI_Iallgatherv). Arguments are checked now.
@@ -408,38 +413,17 @@ class mpi_comm {
 
   template <class T>
   mpi_request start_reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op, std::unique_ptr<int[]> ints, bool nonblocking) {
+    static_assert(!detail::reduced_in_pieces<T>, "floating-point reduce-scatters go through reduce_pieces / start_pieces");
     const int* c = ints.get();
     const auto len = static_cast<std::size_t>(counts[rank_]);
     const int size = size_;
     mpi_request r;
-    if constexpr (detail::is_two_byte_float<T>) {
-      std::size_t total = 0;
-      for (int s = 0; s < size_; ++s) total += static_cast<std::size_t>(counts[s]);
-      float* sc = nullptr;
-      if (nonblocking) {
-        r.scratch_ = std::make_unique_for_overwrite<float[]>(total + len);
-        sc = r.scratch_.get();
-      } else {
-        sc = scratch_.get<float>(total + len);
-      }
-      detail::to_accumulator(in, sc, total);
-      if (nonblocking) {
-        detail::check_mpi(MPI_Ireduce_scatter(sc, sc + total, c, MPI_FLOAT, detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
-      } else {
-        detail::check_mpi(MPI_Reduce_scatter(sc, sc + total, c, MPI_FLOAT, detail::mpi_op(op), comm_), "MPI_Reduce_scatter");
-      }
-      r.finish_ = [res = sc + total, out, len, op, size] {
-        if (op == reduce_op::average) detail::divide_by(res, len, size);
-        detail::from_accumulator(res, out, len);
-      };
+    if (nonblocking) {
+      detail::check_mpi(MPI_Ireduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
     } else {
-      if (nonblocking) {
-        detail::check_mpi(MPI_Ireduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
-      } else {
-        detail::check_mpi(MPI_Reduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter");
-      }
-      if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
+      detail::check_mpi(MPI_Reduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter");
     }
+    if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
     r.ints_ = std::move(ints);
     return r;
   }
@@ -460,32 +444,73 @@ class mpi_comm {
     detail::check_disjoint_gather_v(in, counts[rank_], out, total, my_displ, "mpi_comm", "all_gather_v");
   }
 
-  /// The blocking 2-byte reductions: rank s gets piece s (counts[s] elements at displs[s]) of
-  /// every other rank's `in` as 2-byte words (MPI_Alltoallv), widens the pieces and reduces
-  /// them in rank order in fp32, block by block, and rounds once into `out` (counts[rank]
+  /// Reductions done in pieces (see the file header): rank s gets piece s (counts[s] elements
+  /// at displs[s]) of every other rank's `in` in the element type (MPI_Alltoallv), and reduces
+  /// the pieces in rank order in the accumulation type, rounded once into `out` (counts[rank]
   /// elements; `out` may be this rank's own piece of `in`, which never travels).
   template <class T>
   void reduce_pieces(const T* in, T* out, const int* counts, const int* displs, reduce_op op) {
+    using A = comm_accumulator_t<T>;
+    const auto mine = static_cast<std::size_t>(counts[rank_]);
+    const std::size_t piece_bytes = pieces_bytes<T>(mine);
+    auto* base = scratch_.get<unsigned char>(piece_bytes + 2 * block * sizeof(A));
+    int* a = piece_ints() + 2 * size_;  // after the callers' counts and displacements
+    exchange_arrays(counts, displs, a);
+    T* recv = reinterpret_cast<T*>(base);
+    detail::check_mpi(MPI_Alltoallv(in, a, a + size_, mpi_type<T>(), recv, a + 2 * size_, a + 3 * size_, mpi_type<T>(), comm_),
+                      "MPI_Alltoallv");
+    A* acc = reinterpret_cast<A*>(base + piece_bytes);
+    reduce_received(in + displs[rank_], recv, out, mine, size_, rank_, op, acc, acc + block);
+  }
+
+  /// The same, non-blocking (MPI_Ialltoallv): the request owns the received pieces and the
+  /// arrays, and reduces on completion. `in` must stay as it is until then.
+  template <class T>
+  mpi_request start_pieces(const T* in, T* out, const int* counts, const int* displs, reduce_op op) {
+    using A = comm_accumulator_t<T>;
     const int p = size_, me = rank_;
     const auto mine = static_cast<std::size_t>(counts[me]);
-    // Scratch: the other ranks' pieces (slot s at s * mine), then two fp32 blocks.
-    const std::size_t piece_bytes = (mine * static_cast<std::size_t>(p) * sizeof(T) + 63) / 64 * 64;
-    auto* base = scratch_.get<unsigned char>(piece_bytes + 2 * block * sizeof(float));
+    const std::size_t piece_bytes = pieces_bytes<T>(mine);
+    mpi_request r;
+    r.scratch_ = std::make_unique_for_overwrite<float[]>((piece_bytes + 2 * block * sizeof(A)) / sizeof(float));
+    r.ints_ = std::make_unique_for_overwrite<int[]>(4 * static_cast<std::size_t>(p));
+    int* a = r.ints_.get();
+    exchange_arrays(counts, displs, a);
+    auto* base = reinterpret_cast<unsigned char*>(r.scratch_.get());
     T* recv = reinterpret_cast<T*>(base);
-    float* acc = reinterpret_cast<float*>(base + piece_bytes);
-    float* tmp = acc + block;
-    int* sc = piece_ints() + 2 * p;  // after the callers' counts and displacements
-    int* sd = sc + p;
-    int* rc = sd + p;
-    int* rd = rc + p;
+    detail::check_mpi(MPI_Ialltoallv(in, a, a + p, mpi_type<T>(), recv, a + 2 * p, a + 3 * p, mpi_type<T>(), comm_, &r.req_),
+                      "MPI_Ialltoallv");
+    A* acc = reinterpret_cast<A*>(base + piece_bytes);
+    r.finish_ = [own = in + displs[me], recv, out, mine, p, me, op, acc] {
+      reduce_received(own, recv, out, mine, p, me, op, acc, acc + block);
+    };
+    return r;
+  }
+
+  /// Bytes of the received pieces (size slots of `mine` elements), rounded up to 64.
+  template <class T>
+  std::size_t pieces_bytes(std::size_t mine) const noexcept {
+    return (mine * static_cast<std::size_t>(size_) * sizeof(T) + 63) / 64 * 64;
+  }
+
+  /// a[0, 4 size): Alltoallv's send counts and displacements (this rank's own piece not sent)
+  /// and receive counts and displacements (slot s at s * counts[rank]).
+  void exchange_arrays(const int* counts, const int* displs, int* a) const noexcept {
+    const int p = size_, me = rank_;
     for (int s = 0; s < p; ++s) {
-      sc[s] = s == me ? 0 : counts[s];
-      sd[s] = displs[s];
-      rc[s] = s == me ? 0 : counts[me];
-      rd[s] = s * counts[me];
+      a[s] = s == me ? 0 : counts[s];
+      a[p + s] = displs[s];
+      a[2 * p + s] = s == me ? 0 : counts[me];
+      a[3 * p + s] = s * counts[me];
     }
-    detail::check_mpi(MPI_Alltoallv(in, sc, sd, mpi_type<T>(), recv, rc, rd, mpi_type<T>(), comm_), "MPI_Alltoallv");
-    const T* own = in + displs[me];
+  }
+
+  /// out[0, mine) = op over ranks s = 0, 1, ... of piece s (this rank's: `own`; the others':
+  /// recv + s * mine), in the accumulation type, block by block in acc and tmp (block elements
+  /// each), finished (average divided) and rounded once.
+  template <class T, class A>
+  static void reduce_received(const T* own, const T* recv, T* out, std::size_t mine, int p, int me, reduce_op op, A* acc,
+                              A* tmp) noexcept {
     for (std::size_t i = 0; i < mine; i += block) {
       const std::size_t m = std::min(block, mine - i);
       auto piece = [&](int s) { return (s == me ? own : recv + static_cast<std::size_t>(s) * mine) + i; };
@@ -503,7 +528,7 @@ class mpi_comm {
     }
   }
 
-  /// 6 * size ints: a collective's counts and displacements, then reduce_pieces' four arrays.
+  /// 6 * size ints: a collective's counts and displacements, then reduce_pieces' exchange_arrays.
   int* piece_ints() {
     pieces_.resize(static_cast<std::size_t>(6 * size_));
     return pieces_.data();
