@@ -110,8 +110,9 @@ void divide_by(A* data, std::size_t n, int size) noexcept {
 }  // namespace detail
 
 /// The handle of an mpi_comm non-blocking collective (a comm_request): the MPI_Request, the
-/// fp32 scratch of a 2-byte reduction, and the step that finishes it (round back to 2 bytes,
-/// divide for average), run once on completion. A default-made request is complete.
+/// staging of a reduction (the pieces received from the other ranks, or the fp32 widening of a
+/// 2-byte all_reduce), and the step that finishes it (reduce the pieces, or round back to 2
+/// bytes; divide for average), run once on completion. A default-made request is complete.
 /// Destroying a request that is not complete waits for it.
 class mpi_request {
  public:
@@ -183,7 +184,7 @@ class mpi_request {
   }
 
   MPI_Request req_ = MPI_REQUEST_NULL;
-  std::unique_ptr<float[]> scratch_;  // fp32 staging of a 2-byte reduction (its address is stable)
+  std::unique_ptr<float[]> scratch_;  // staging of a reduction (its address is stable)
   std::unique_ptr<int[]> ints_;       // counts and displacements of a _v collective
   std::function<void()> finish_;
 };
@@ -583,12 +584,12 @@ class mpi_comm {
     return n > 0 && in == out + static_cast<std::size_t>(rank_) * static_cast<std::size_t>(n);
   }
 
-  static constexpr std::size_t block = 4096;  // elements of a 2-byte reduction per pass over the ranks
+  static constexpr std::size_t block = 4096;  // elements of a reduction in pieces per pass over the ranks
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
-  // fp32 staging of the blocking 2-byte reductions, kept between calls (a fresh buffer each
+  // staging of the blocking reductions in pieces, kept between calls (a fresh buffer each
   // time page-faults its way in on every call); a non-blocking one owns its staging until done
   detail::comm_scratch scratch_;
   std::vector<int> pieces_;  // piece_ints()
