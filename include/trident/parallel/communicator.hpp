@@ -49,6 +49,7 @@
 /// }
 /// ```
 
+#include <algorithm>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -57,6 +58,7 @@
 #include <new>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../config.hpp"
 #include "../core/error.hpp"
@@ -296,6 +298,31 @@ inline void from_accumulator(const comm_accumulator_t<T>* in, T* out, std::size_
     if (n) std::memcpy(out, in, n * sizeof(T));
   } else {
     for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+  }
+}
+
+/// Elements [begin, end) of rank r's share when n elements are split over p ranks: the first
+/// n % p ranks get one more.
+inline std::pair<index_t, index_t> even_share(index_t n, int p, int r) noexcept {
+  const index_t q = n / p, rem = n % p;
+  const index_t begin = r * q + std::min<index_t>(r, rem);
+  return {begin, begin + q + (r < rem ? 1 : 0)};
+}
+
+/// acc[0, m) = op over ranks s = 0, 1, ..., p-1 of piece(s)[0, m), in rank order, in the
+/// accumulation type A (not finished: average is still a sum). tmp holds m elements of A for
+/// the widening (unused when T is A). The one rank-order reduction of thread_comm and of
+/// mpi_comm's reductions in pieces.
+template <class T, class A, class Piece>
+inline void reduce_in_rank_order(Piece piece, std::size_t m, int p, reduce_op op, A* acc, A* tmp) noexcept {
+  to_accumulator(piece(0), acc, m);
+  for (int s = 1; s < p; ++s) {
+    if constexpr (std::same_as<T, A>) {
+      combine_into(acc, piece(s), m, op);
+    } else {
+      to_accumulator(piece(s), tmp, m);
+      combine_into(acc, tmp, m, op);
+    }
   }
 }
 

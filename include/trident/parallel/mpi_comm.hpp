@@ -21,9 +21,10 @@
 /// 2-byte types then gathers the rounded pieces (MPI_Allgatherv). That is every reduce_scatter
 /// and reduce_scatter_v of float, double, bfloat16 and half, blocking or not, and the blocking
 /// 2-byte all_reduce. Why:
-///  - Open MPI's reduce-scatters were 10-100x slower on this library's development machine
-///    than an all-to-all of the same pieces and a local sum (MPI_Ireduce_scatter at every
-///    size, MPI_Reduce_scatter_block from 16 MiB), and ZeRO-1/2/3 live on them;
+///  - Open MPI's reduce-scatters were slower on this library's development machine than an
+///    all-to-all of the same pieces and a local sum (MPI_Reduce_scatter_block 1.35-17x at
+///    64 KiB-64 MiB), and ZeRO-1/2/3 live on them: ZeRO-2's step on the large GPT went from
+///    1.14x data parallel's to 1.00x (benchmarks/RESULTS.md);
 ///  - 2-byte words are summed in fp32 and rounded once, which MPI cannot do (a user-defined
 ///    MPI_Op on 2-byte words would round at every step of MPI's reduction tree), and moving
 ///    them as 2-byte words halves the bytes of widening to fp32 first;
@@ -515,11 +516,7 @@ class mpi_comm {
     for (std::size_t i = 0; i < mine; i += block) {
       const std::size_t m = std::min(block, mine - i);
       auto piece = [&](int s) { return (s == me ? own : recv + static_cast<std::size_t>(s) * mine) + i; };
-      detail::to_accumulator(piece(0), acc, m);
-      for (int s = 1; s < p; ++s) {
-        detail::to_accumulator(piece(s), tmp, m);
-        detail::combine_into(acc, tmp, m, op);
-      }
+      detail::reduce_in_rank_order<T>(piece, m, p, op, acc, tmp);
       detail::finish_reduction(acc, m, op, p);
       // Rounded in the scratch, then copied: out + i of a runtime length, where an inlined
       // vector store would make GCC warn about one-element outputs (all_reduce(&x, 1, ...)).
@@ -535,15 +532,15 @@ class mpi_comm {
     return pieces_.data();
   }
 
-  /// Counts and displacements (in piece_ints()) of thread_comm's split of n elements: the
-  /// first n % size ranks get one more.
+  /// Counts and displacements (in piece_ints()) of thread_comm's split of n elements
+  /// (detail::even_share).
   int* even_pieces(index_t n) {
     int* c = piece_ints();
     int* d = c + size_;
-    const index_t q = n / size_, rem = n % size_;
     for (int s = 0; s < size_; ++s) {
-      c[s] = static_cast<int>(q + (s < rem ? 1 : 0));
-      d[s] = static_cast<int>(s * q + std::min<index_t>(s, rem));
+      const auto [begin, end] = detail::even_share(n, size_, s);
+      c[s] = static_cast<int>(end - begin);
+      d[s] = static_cast<int>(begin);
     }
     return c;
   }

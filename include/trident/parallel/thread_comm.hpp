@@ -532,11 +532,7 @@ class thread_comm {
   // --- the collectives ----------------------------------------------------------------------
 
   /// Elements [begin, end) of this rank's share.
-  std::pair<index_t, index_t> share(index_t n) const noexcept {
-    const index_t p = size(), q = n / p, rem = n % p, r = rank_;
-    const index_t begin = r * q + std::min(r, rem);
-    return {begin, begin + q + (r < rem ? 1 : 0)};
-  }
+  std::pair<index_t, index_t> share(index_t n) const noexcept { return detail::even_share(n, size(), rank_); }
 
   /// acc[0, len) = op over ranks s = 0, 1, ... of src[s][0, len), finished (average divided).
   template <class T, class A = comm_accumulator_t<T>>
@@ -546,15 +542,7 @@ class thread_comm {
     if constexpr (!std::same_as<T, A>) tmp = tmp_scratch_.get<A>(block);
     for (std::size_t i = 0; i < len; i += block) {
       const std::size_t m = std::min(block, len - i);
-      detail::to_accumulator(src[0] + i, acc + i, m);
-      for (int s = 1; s < p; ++s) {
-        if constexpr (std::same_as<T, A>) {
-          detail::combine_into(acc + i, src[s] + i, m, op);
-        } else {
-          detail::to_accumulator(src[s] + i, tmp, m);
-          detail::combine_into(acc + i, tmp, m, op);
-        }
-      }
+      detail::reduce_in_rank_order<T>([&](int s) { return src[s] + i; }, m, p, op, acc + i, tmp);
     }
     detail::finish_reduction(acc, len, op, p);
   }
