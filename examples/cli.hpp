@@ -1,6 +1,7 @@
 #pragma once
 // What the examples' command lines share: reading option values with errors that name the
-// option and what it takes, then printing the usage and exiting with status 2.
+// option and what it takes, then printing the usage and exiting with status 2. And the median
+// their reports quote.
 //
 //   example::cli args(argc, argv, [&](std::FILE* to) { usage(argv[0], defaults, to); });
 //   for (int i = 1; i < argc; ++i) {
@@ -10,12 +11,15 @@
 //     else args.help_or_unknown(a);   // --help / -h, or an unknown option
 //   }
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace example {
 
@@ -74,5 +78,13 @@ class cli {
   char** argv_;
   std::function<void(std::FILE*)> usage_;
 };
+
+/// The median of v (the mean of the middle two for an even count; NaN when empty).
+inline double median(std::vector<double> v) {
+  if (v.empty()) return std::numeric_limits<double>::quiet_NaN();
+  std::sort(v.begin(), v.end());
+  const std::size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
 
 }  // namespace example

@@ -527,11 +527,8 @@ std::vector<row> distillation_rows(Teacher& teacher, const data_set& d, const se
       std::fflush(stdout);
     }
     const auto wins = std::count_if(gains.begin(), gains.end(), [](double g) { return g > 0; });
-    std::sort(gains.begin(), gains.end());
-    const std::size_t h = gains.size() / 2;
-    const double median = gains.size() % 2 ? gains[h] : 0.5 * (gains[h - 1] + gains[h]);
     std::printf("\n  distilled above alone in %lld of %d seeds; median gain %+.2f points\n", static_cast<long long>(wins),
-                s.student_seeds, median);
+                s.student_seeds, example::median(gains));
   }
   return rows;
 }

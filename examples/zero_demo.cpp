@@ -183,14 +183,6 @@ inline int state_buffers(const config::optimizer_variant& opt) {
       opt);
 }
 
-
-inline double median(std::vector<double> v) {
-  if (v.empty()) return std::numeric_limits<double>::quiet_NaN();
-  std::sort(v.begin(), v.end());
-  const std::size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
 inline std::string with_commas(std::size_t v) {
   const std::string digits = std::to_string(v);
   std::string s;
@@ -326,7 +318,7 @@ int train_policy<P>::run(const settings& s, const config::deepspeed_config& cfg,
           std::printf(" loss scale %g (%lld skipped)", step.loss_scale(), static_cast<long long>(step.control().skipped_steps()));
         }
         const std::vector<double> recent(step_ms.end() - std::min<std::ptrdiff_t>(print_every, std::ssize(step_ms)), step_ms.end());
-        std::printf(" | %.2f ms/step (median, rank 0)\n", median(recent));
+        std::printf(" | %.2f ms/step (median, rank 0)\n", example::median(recent));
         std::fflush(stdout);
       }
       window[0] = window[1] = window[2] = 0;
@@ -367,7 +359,7 @@ int train_policy<P>::run(const settings& s, const config::deepspeed_config& cfg,
   const auto f = fields(measured);
   std::copy(f.begin(), f.end(), mine.begin());
   mine[roles + 2] = measured == estimate ? 1.0 : 0.0;
-  mine[roles + 3] = median(step_ms);
+  mine[roles + 3] = example::median(step_ms);
   std::vector<double> all(static_cast<std::size_t>(row * ranks));
   comm.all_gather(mine.data(), all.data(), row);
 
