@@ -12,6 +12,9 @@
 // the table gives the median over the rounds of tokens/s (global batch tokens / step time) and of
 // the step time. Before timing, the loss must fall over 10 steps and every rank must hold the
 // same params (bit for bit, gathered through the step), so that a fast wrong run cannot pass.
+// A last line gives each rank's mean time per timed step in forward, in backward (which, under
+// data parallel and ZeRO-2/3, also starts and progresses the gradient collectives) and in the
+// distributed step (the reductions backward left, clipping, AdamW, ZeRO's param gather).
 //
 //   mpiexec -n N bench_dp_gpt [--strategy dp|zero1|zero2|zero3] [--precision fp32|bf16]
 //                             [--rounds 3] [--steps 3] [--bucket ELEMENTS] [--json]
@@ -48,6 +51,7 @@ double max_over_ranks(double v) {
 
 struct result {
   std::vector<double> tokens_per_s, step_ms;
+  std::vector<double> phase_ms;  // rank 0: forward, backward, step of every rank (ms per timed step)
   double loss_first = 0, loss_last = 0;
   bool ranks_equal = false;
   double state_mib = 0;
@@ -77,13 +81,24 @@ result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
   parallel::distributed_step<P, mpi_comm> dist(store, comm, o);
   nn::arena<cpu> memory;
   double loss = 0;
+  double phase[3] = {0, 0, 0};  // forward, backward, distributed step: seconds summed over the timed steps
+  bool timing = false;
   auto step = [&] {
     store.zero_grad();
     memory.reset();
     nn::context<P> ctx{memory, true, nullptr};
+    const auto t0 = std::chrono::steady_clock::now();
     loss = model.forward(ctx, mine_x, rows, mine_y);
+    const auto t1 = std::chrono::steady_clock::now();
     model.backward(ctx, dist.loss_scale());
+    const auto t2 = std::chrono::steady_clock::now();
     dist.step(opt);
+    if (timing) {
+      const auto t3 = std::chrono::steady_clock::now();
+      phase[0] += std::chrono::duration<double>(t1 - t0).count();
+      phase[1] += std::chrono::duration<double>(t2 - t1).count();
+      phase[2] += std::chrono::duration<double>(t3 - t2).count();
+    }
   };
 
   result res;
@@ -106,6 +121,7 @@ result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
     res.ranks_equal = same == 1;
   }
   res.state_mib = static_cast<double>(dist.memory(opt).model_states()) / (1024.0 * 1024.0);
+  timing = true;
   for (int k = 0; k < rounds; ++k) {
     MPI_Barrier(MPI_COMM_WORLD);
     const double t = bench::seconds_of([&] {
@@ -115,6 +131,9 @@ result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
     res.step_ms.push_back(per * 1e3);
     res.tokens_per_s.push_back(static_cast<double>(batch * block) / per);
   }
+  for (double& t : phase) t *= 1e3 / (rounds * steps);
+  res.phase_ms.resize(static_cast<std::size_t>(3 * size));
+  MPI_Gather(phase, 3, MPI_DOUBLE, res.phase_ms.data(), 3, MPI_DOUBLE, 0, MPI_COMM_WORLD);
   return res;
 }
 
@@ -172,6 +191,11 @@ int main(int argc, char** argv) {
       std::printf("| strategy | ranks | tokens/s | step ms |\n|---|---|---|---|\n");
       std::printf("| %s | %d | %s | %s |\n", strategy.c_str(), comm.size(), bench::spread(res.tokens_per_s, "%.0f").c_str(),
                   bench::spread(res.step_ms, "%.1f").c_str());
+      std::printf("# ms per timed step, forward / backward / distributed step:");
+      for (int r = 0; r < comm.size(); ++r) {
+        const double* f = res.phase_ms.data() + 3 * r;
+        std::printf(" rank %d %.1f / %.1f / %.1f%s", r, f[0], f[1], f[2], r + 1 < comm.size() ? ";" : "\n");
+      }
       if (json) {
         std::printf("{\"bench\":\"dp_gpt\",\"strategy\":\"%s\",\"precision\":\"%s\",\"ranks\":%d,\"tokens_per_s\":%.1f,\"step_ms\":%.2f,"
                     "\"ok\":%s}\n",

@@ -10,6 +10,10 @@ threads=2
 torch_python=/usr/bin/python3  # Debian's python3-torch lives there, not in a pyenv python
 
 bench_build() {
+  # The CPU the figures come from (the development machine has been more than one kind).
+  echo "# machine: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), family $(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')" \
+    "model $(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | cut -d: -f2 | tr -d ' '), $(nproc) cores," \
+    "AMX $(grep -q amx_bf16 /proc/cpuinfo && echo yes || echo no), AVX512-FP16 $(grep -q avx512_fp16 /proc/cpuinfo && echo yes || echo no)"
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTRIDENT_BUILD_BENCHMARKS=ON \
     -DTRIDENT_BUILD_TESTS=OFF -DTRIDENT_BUILD_EXAMPLES=OFF >/dev/null
   cmake --build "$build" --target "$@" >/dev/null
