@@ -305,6 +305,16 @@ TEST_CASE("gemm bf16 inputs, fp32 accumulation: default and every path") {
       check_epilogues<bfloat16, float>([](auto... args) { ck::paths::gemm_bf16_avx512(args...); });
     }
   }
+#if defined(TRIDENT_HAS_AVX512BF16)
+  SUBCASE("avx512-bf16 wide (6 x 64), on every shape") {
+    check_sizes_and_transposes<bfloat16, float>(kernel_gemm<ck::kernel_avx512_bf16>{});
+    check_epilogues<bfloat16, float>(kernel_gemm<ck::kernel_avx512_bf16>{});
+  }
+  SUBCASE("avx512-bf16 narrow (14 x 32), on every shape") {
+    check_sizes_and_transposes<bfloat16, float>(kernel_gemm<ck::kernel_avx512_bf16_narrow>{});
+    check_epilogues<bfloat16, float>(kernel_gemm<ck::kernel_avx512_bf16_narrow>{});
+  }
+#endif
   SUBCASE("amx") {
     if (ck::paths::amx_available()) {
       check_sizes_and_transposes<bfloat16, float>([](auto... args) { ck::paths::gemm_bf16_amx(args...); });

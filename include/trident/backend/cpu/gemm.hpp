@@ -180,7 +180,12 @@ inline void gemm_bf16_avx512(bool trans_a, bool trans_b, index_t m, index_t n, i
                              const bfloat16* a, index_t lda, const bfloat16* b, index_t ldb, float beta, float* c,
                              index_t ldc, const gemm_epilogue& ep = {}) {
 #if defined(TRIDENT_HAS_AVX512BF16)
-  gemm_with<kernel_avx512_bf16>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
+  // As for fp32: 32-wide tiles where padding n to a multiple of 64 wastes > 10%.
+  if (detail::round_up(n, 64) * 10 > detail::round_up(n, 32) * 11) {
+    gemm_with<kernel_avx512_bf16_narrow>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
+  } else {
+    gemm_with<kernel_avx512_bf16>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
+  }
 #else
   gemm_f32_auto(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep);
 #endif
