@@ -174,8 +174,8 @@ TRIDENT_UNROLL(8)
 };
 
 /// The AVX512-BF16 micro-kernel for wide outputs: 6 x 64 (24 accumulators, 4 B vectors and 6
-/// broadcasts per k pair), as for fp32. On the AMD EPYC (Zen 5) development machine it ran
-/// 1.1-1.6x the 14 x 32 tile at n = 128-2048 (the CPUs with AMX take the AMX path instead).
+/// broadcasts per k pair), as for fp32: faster than the 14 x 32 tile on the AMD EPYC (Zen 5)
+/// development machine (benchmarks/RESULTS.md, GEMM). CPUs with AMX take the AMX path instead.
 using kernel_avx512_bf16 = kernel_avx512_bf16_t<6, 4>;
 /// The AVX512-BF16 micro-kernel for narrow outputs, where a 64-wide tile would waste much of
 /// its work on padding: 14 x 32.
