@@ -257,10 +257,8 @@ class mpi_comm {
     check_reduce_scatter(in, out, n_per_rank, op);
     const int count = detail::mpi_count(n_per_rank, "reduce_scatter");
     if constexpr (detail::reduced_in_pieces<T>) {
-      int* c = piece_ints();
-      int* d = c + size_;
-      for (int s = 0; s < size_; ++s) c[s] = count, d[s] = s * count;
-      reduce_pieces(in, out, c, d, op);
+      const int* c = equal_pieces(count);
+      reduce_pieces(in, out, c, c + size_, op);
     } else {
       detail::check_mpi(MPI_Reduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_), "MPI_Reduce_scatter_block");
       if (op == reduce_op::average) detail::divide_by(out, static_cast<std::size_t>(n_per_rank), size_);
@@ -345,10 +343,8 @@ class mpi_comm {
     check_reduce_scatter(in, out, n_per_rank, op);
     const int count = detail::mpi_count(n_per_rank, "ireduce_scatter");
     if constexpr (detail::reduced_in_pieces<T>) {
-      int* c = piece_ints();
-      int* d = c + size_;
-      for (int s = 0; s < size_; ++s) c[s] = count, d[s] = s * count;
-      return start_pieces(in, out, c, d, op);
+      const int* c = equal_pieces(count);
+      return start_pieces(in, out, c, c + size_, op);
     } else {
       const auto len = static_cast<std::size_t>(n_per_rank);
       const int size = size_;
@@ -530,6 +526,14 @@ class mpi_comm {
   int* piece_ints() {
     pieces_.resize(static_cast<std::size_t>(6 * size_));
     return pieces_.data();
+  }
+
+  /// Counts and displacements (in piece_ints()) of reduce_scatter's pieces: `count` elements
+  /// each, rank s's at s * count.
+  int* equal_pieces(int count) {
+    int* c = piece_ints();
+    for (int s = 0; s < size_; ++s) c[s] = count, c[size_ + s] = s * count;
+    return c;
   }
 
   /// Counts and displacements (in piece_ints()) of thread_comm's split of n elements

@@ -137,7 +137,7 @@ struct distributed_options {
   /// together. Smaller buckets start communication sooner and need less staging; larger ones
   /// cost fewer collectives. DeepSpeed's default (5e8) is sized for GPUs and NCCL; ours, 2^21
   /// (8 MiB of fp32), keeps each collective in the sizes shared-memory MPI reduces at full
-  /// speed: Open MPI's all-reduce of one 64 MiB buffer took 40-410 ms on the development
+  /// speed: Open MPI's all-reduce of one 64 MiB buffer took 150-410 ms on the development
   /// machine against 3-4 ms per 16 MiB, and data parallel over 2 ranks on the large GPT ran at
   /// 1.4-1.5x one rank with the whole model in one bucket against 1.8-2.2x with
   /// 2^18-2^22-element buckets (benchmarks/RESULTS.md).
