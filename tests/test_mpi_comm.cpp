@@ -2,9 +2,10 @@
 // collective, reduce_op and element type, blocking and non-blocking, on values that depend on
 // the rank, each rank checking its own result against a reference it computes alone.
 //
-// MPI picks the reduction order, so exact comparisons use values whose fp32 (fp64, int) sums
-// are exact in any order (multiples of 1/64 of a few bits): the result must then be the
-// rank-order sum rounded once to the element type. Random values check that every rank gets
+// Where MPI picks the reduction order (int32, and floating-point all-reduces when the ranks
+// are not on one node), exact comparisons use values whose fp32 (fp64, int) sums are exact in
+// any order (multiples of 1/64 of a few bits): the result must then be the rank-order sum
+// rounded once to the element type. Random values check that every rank gets
 // the same bits and that the result is within the accumulation's error of the exact one.
 // Checks are CHECKs, not REQUIREs, so that a failure on one rank does not leave the others
 // waiting in a collective it skipped.
@@ -307,7 +308,7 @@ TEST_CASE("mpi_comm: random values give the same bits on every rank, close to th
   CHECK(far == 0);
 }
 
-TEST_CASE_TEMPLATE("mpi_comm: reductions done in pieces are the rank-order reduction rounded once, bit for bit", T, bfloat16,
+TEST_CASE_TEMPLATE("mpi_comm: reductions in pieces and through shared memory are the rank-order reduction rounded once, bit for bit", T, bfloat16,
                    half, float, double) {
   // Values whose sums in the accumulation type depend on the order (1 + e rounds to 1 where e
   // is half an ulp of 1, while e - 1 is exact: ((1 + e) + e) - 1 = 0 but (1 + e) + (e - 1) = e),
@@ -315,7 +316,8 @@ TEST_CASE_TEMPLATE("mpi_comm: reductions done in pieces are the rank-order reduc
   // ranks) gives other bits. Every floating-point reduce-scatter, blocking or not, and the
   // blocking 2-byte all_reduce reduce in rank order whatever MPI's algorithms: the bits must be
   // the reference's (thread_comm's order), at sizes that are not multiples of the number of
-  // ranks and across several of the reduction's blocks.
+  // ranks and across several of the reduction's blocks. So must every floating-point
+  // all_reduce, blocking or not, when it goes through shared memory (all ranks on one node).
   using A = comm_accumulator_t<T>;
   mpi_comm comm;
   const int r = comm.rank(), p = comm.size();
@@ -329,11 +331,17 @@ TEST_CASE_TEMPLATE("mpi_comm: reductions done in pieces are the rank-order reduc
   for (const index_t n : {index_t{1}, index_t{3}, index_t{4099}, index_t{20011}}) {
     for (const reduce_op op : {reduce_op::sum, reduce_op::average, reduce_op::max}) {
       INFO("n = " << n << ", op " << to_string(op));
-      if constexpr (two_byte<T>) {
+      if (two_byte<T> || comm.shared_memory()) {
         std::vector<T> all(static_cast<std::size_t>(n));
         for (index_t i = 0; i < n; ++i) all[static_cast<std::size_t>(i)] = x(r, i);
+        std::vector<T> iall = all;
         comm.all_reduce(all.data(), n, op);
         CHECK(count_wrong(all, n, p, op, [&](int s, index_t i) { return x(s, i); }) == 0);
+        if (comm.shared_memory()) {
+          auto req = comm.iall_reduce(iall.data(), n, op);
+          req.wait();
+          CHECK(count_wrong(iall, n, p, op, [&](int s, index_t i) { return x(s, i); }) == 0);
+        }
       }
       std::vector<T> in(static_cast<std::size_t>(n * p)), shard(static_cast<std::size_t>(n)), ishard(shard.size());
       for (index_t i = 0; i < n * p; ++i) in[static_cast<std::size_t>(i)] = x(r, n + i);
@@ -396,6 +404,94 @@ TEST_CASE("mpi_comm: large buffers, non-blocking collectives overlapped with wor
   CHECK(c[2] == p);
   mpi_request none;
   CHECK(none.test());
+}
+
+TEST_CASE("mpi_comm: floating-point all-reduces go through shared memory exactly when the ranks share one node") {
+  int p = 0, node_size = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+  MPI_Comm_size(node, &node_size);
+  MPI_Comm_free(&node);
+  mpi_comm comm;
+  CHECK(comm.shared_memory() == (p > 1 && node_size == p));
+  CHECK(comm.shared_memory_bytes() == 0);  // the window is made on first use
+  mpi_comm plain(MPI_COMM_WORLD, intra_node::mpi);
+  CHECK_FALSE(plain.shared_memory());
+  const int r = comm.rank();
+  for (mpi_comm* c : {&comm, &plain}) {
+    auto v = exact_values<float>(r, 1001, 41);
+    c->all_reduce(v.data(), 1001, reduce_op::average);
+    CHECK(count_wrong(v, 1001, p, reduce_op::average, [](int s, index_t i) { return exact_value<float>(s, i, 41); }) == 0);
+  }
+  if (comm.shared_memory()) CHECK(comm.shared_memory_bytes() >= 3 * 1001 * sizeof(float));
+  CHECK(plain.shared_memory_bytes() == 0);
+}
+
+TEST_CASE("mpi_comm: many all-reduces in flight, growing, mixed with MPI's collectives, waited in different orders") {
+  // More requests in flight than the shared-memory slots, sizes that outgrow the window while
+  // others are in flight, a blocking collective and an MPI non-blocking one among them, and
+  // ranks that wait in opposite orders (one after a delay): every result must be exact.
+  mpi_comm comm;
+  const int r = comm.rank(), p = comm.size();
+  const index_t ns[] = {3, 100000, 1, 777777, 5, (index_t{1} << 20) + 3, 64, 40000, 0, 2500000};
+  constexpr int count = 10;
+  constexpr reduce_op cycle[] = {reduce_op::sum, reduce_op::max, reduce_op::min, reduce_op::average};
+  std::vector<std::vector<float>> f(count);
+  std::vector<std::vector<double>> d(count);
+  std::vector<std::vector<bfloat16>> b(count);
+  std::vector<mpi_request> reqs;
+  std::vector<std::int32_t> mine(5, r), gathered(static_cast<std::size_t>(5 * p));
+  mpi_request gather;
+  for (int k = 0; k < count; ++k) {
+    const index_t n = ns[k];
+    const reduce_op op = cycle[k % 4];
+    f[k] = exact_values<float>(r, n, 100 + k);
+    d[k] = exact_values<double>(r, n / 7, 200 + k);
+    b[k] = exact_values<bfloat16>(r, n / 3, 300 + k);
+    reqs.push_back(comm.iall_reduce(f[k].data(), n, op));
+    reqs.push_back(comm.iall_reduce(d[k].data(), n / 7, op));
+    reqs.push_back(comm.iall_reduce(b[k].data(), n / 3, op));
+    if (k == 2) gather = comm.iall_gather(mine.data(), gathered.data(), 5);
+    if (k == 4) {
+      int root_value = r == p - 1 ? 42 : 0;
+      comm.broadcast(&root_value, 1, p - 1);  // blocking, behind requests in flight
+      CHECK(root_value == 42);
+    }
+  }
+  if (r % 2 == 1) {
+    double work = 0;
+    for (int i = 0; i < 3000000; ++i) work += std::sqrt(static_cast<double>(i));
+    CHECK(work > 0);
+    for (std::size_t k = reqs.size(); k-- > 0;) reqs[k].wait();
+    gather.wait();
+  } else {
+    gather.wait();
+    while (!reqs[reqs.size() / 2].test()) std::this_thread::yield();
+    for (auto& q : reqs) q.wait();
+  }
+  int bad = 0;
+  for (int k = 0; k < count; ++k) {
+    const index_t n = ns[k];
+    const reduce_op op = cycle[k % 4];
+    INFO("request " << k << ", n = " << n << ", op " << to_string(op));
+    CHECK(count_wrong(f[k], n, p, op, [&](int s, index_t i) { return exact_value<float>(s, i, 100 + k); }) == 0);
+    CHECK(count_wrong(d[k], n / 7, p, op, [&](int s, index_t i) { return exact_value<double>(s, i, 200 + k); }) == 0);
+    CHECK(count_wrong(b[k], n / 3, p, op, [&](int s, index_t i) { return exact_value<bfloat16>(s, i, 300 + k); }) == 0);
+  }
+  for (int s = 0; s < p; ++s)
+    for (int i = 0; i < 5; ++i) bad += gathered[static_cast<std::size_t>(5 * s + i)] != s;
+  CHECK(bad == 0);
+  if (comm.shared_memory()) CHECK(comm.shared_memory_bytes() >= 3 * sizeof(float) * static_cast<std::size_t>(ns[count - 1]));
+  // a request dropped unfinished waits for itself; one moved over another waits for the other
+  std::vector<float> one(3, 1.0f), two(3, 2.0f);
+  {
+    auto q1 = comm.iall_reduce(one.data(), 3, reduce_op::sum);
+    auto q2 = comm.iall_reduce(two.data(), 3, reduce_op::sum);
+    q1 = std::move(q2);
+  }
+  CHECK(one[0] == static_cast<float>(p));
+  CHECK(two[2] == static_cast<float>(2 * p));
 }
 
 TEST_CASE("mpi_comm: bad arguments are rejected before any communication, on every rank") {
