@@ -17,10 +17,13 @@
 // distributed step (the reductions backward left, clipping, AdamW, ZeRO's param gather).
 //
 //   mpiexec -n N bench_dp_gpt [--strategy dp|zero1|zero2|zero3] [--precision fp32|bf16]
-//                             [--rounds 3] [--steps 3] [--bucket ELEMENTS] [--intra-node shm|mpi] [--json]
+//                             [--rounds 3] [--steps 3] [--bucket ELEMENTS] [--in-flight N]
+//                             [--intra-node shm|mpi] [--json]
 //
 // --bucket sets reduce_bucket_size (default: the step's, 2^21 elements: this 10.7M-parameter
 // model's gradients in 6 collectives, the first started while backward still runs).
+// --in-flight sets max_in_flight (default: the step's, 2 collectives started before the oldest
+// is waited for).
 // --intra-node picks how mpi_comm all-reduces when the ranks share a node: through its
 // shared-memory window (shm, the default) or with MPI_Allreduce / MPI_Iallreduce (mpi).
 //
@@ -62,7 +65,7 @@ struct result {
 
 /// @tparam P the policy bundle (its strategy distributed)
 template <class P>
-result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
+result run(mpi_comm& comm, int rounds, int steps, index_t bucket, int in_flight) {
   using S = typename P::storage_type;
   const int rank = comm.rank(), size = comm.size();
   if (batch % size != 0) throw error("bench_dp_gpt: the batch of 8 sequences does not split among " + std::to_string(size) + " ranks");
@@ -80,6 +83,7 @@ result run(mpi_comm& comm, int rounds, int steps, index_t bucket) {
   optim::adamw opt({.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.99, .weight_decay = 0.1});
   parallel::distributed_options o{.step = {.gradient_clipping = 1.0}};
   if (bucket > 0) o.reduce_bucket_size = bucket;
+  if (in_flight > 0) o.max_in_flight = in_flight;
   parallel::distributed_step<P, mpi_comm> dist(store, comm, o);
   nn::arena<cpu> memory;
   double loss = 0;
@@ -146,6 +150,7 @@ int main(int argc, char** argv) {
   std::string strategy = "dp", precision = "fp32";
   int rounds = 3, steps = 3;
   index_t bucket = 0;
+  int in_flight = 0;
   bool json = false;
   intra_node how = intra_node::shared_memory;
   for (int i = 1; i < argc; ++i) {
@@ -159,6 +164,8 @@ int main(int argc, char** argv) {
       steps = std::max(1, std::atoi(argv[++i]));
     } else if (!std::strcmp(argv[i], "--bucket") && i + 1 < argc) {
       bucket = std::atoll(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--in-flight") && i + 1 < argc) {
+      in_flight = std::max(1, std::atoi(argv[++i]));
     } else if (!std::strcmp(argv[i], "--intra-node") && i + 1 < argc) {
       const std::string h = argv[++i];
       if (h != "shm" && h != "mpi") {
@@ -169,7 +176,7 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--json")) {
       json = true;
     } else {
-      std::fprintf(stderr, "usage: mpiexec -n N %s [--strategy dp|zero1|zero2|zero3] [--precision fp32|bf16] [--rounds R] [--steps S] [--bucket ELEMENTS] [--intra-node shm|mpi] [--json]\n",
+      std::fprintf(stderr, "usage: mpiexec -n N %s [--strategy dp|zero1|zero2|zero3] [--precision fp32|bf16] [--rounds R] [--steps S] [--bucket ELEMENTS] [--in-flight N] [--intra-node shm|mpi] [--json]\n",
                    argv[0]);
       return 2;
     }
@@ -177,10 +184,10 @@ int main(int argc, char** argv) {
   mpi_comm comm(MPI_COMM_WORLD, how);
   try {
     auto go = [&]<class Precision>() -> result {
-      if (strategy == "dp") return run<policy<Precision, cpu, data_parallel>>(comm, rounds, steps, bucket);
-      if (strategy == "zero1") return run<policy<Precision, cpu, zero<1>>>(comm, rounds, steps, bucket);
-      if (strategy == "zero2") return run<policy<Precision, cpu, zero<2>>>(comm, rounds, steps, bucket);
-      if (strategy == "zero3") return run<policy<Precision, cpu, zero<3>>>(comm, rounds, steps, bucket);
+      if (strategy == "dp") return run<policy<Precision, cpu, data_parallel>>(comm, rounds, steps, bucket, in_flight);
+      if (strategy == "zero1") return run<policy<Precision, cpu, zero<1>>>(comm, rounds, steps, bucket, in_flight);
+      if (strategy == "zero2") return run<policy<Precision, cpu, zero<2>>>(comm, rounds, steps, bucket, in_flight);
+      if (strategy == "zero3") return run<policy<Precision, cpu, zero<3>>>(comm, rounds, steps, bucket, in_flight);
       throw error("bench_dp_gpt: --strategy takes dp, zero1, zero2 or zero3, got '" + strategy + "'");
     };
     result res;

@@ -494,6 +494,28 @@ TEST_CASE("mpi_comm: many all-reduces in flight, growing, mixed with MPI's colle
   CHECK(two[2] == static_cast<float>(2 * p));
 }
 
+TEST_CASE("mpi_comm: an all-reduce in flight on one communicator while the ranks block on another, in different orders") {
+  // Half the ranks wait for comm's all-reduce before other's barrier, half after: other's
+  // blocking call must let comm's all-reduce finish, as MPI's own calls progress every
+  // non-blocking collective of the process.
+  mpi_comm comm, other;
+  const int r = comm.rank(), p = comm.size();
+  auto v = exact_values<float>(r, 5000, 51);
+  auto w = exact_values<double>(r, 300, 52);
+  auto req = comm.iall_reduce(v.data(), 5000, reduce_op::sum);
+  auto req2 = other.iall_reduce(w.data(), 300, reduce_op::max);
+  if (r % 2 == 0) {
+    other.barrier();
+    req.wait();
+  } else {
+    req.wait();
+    other.barrier();
+  }
+  req2.wait();
+  CHECK(count_wrong(v, 5000, p, reduce_op::sum, [](int s, index_t i) { return exact_value<float>(s, i, 51); }) == 0);
+  CHECK(count_wrong(w, 300, p, reduce_op::max, [](int s, index_t i) { return exact_value<double>(s, i, 52); }) == 0);
+}
+
 TEST_CASE("mpi_comm: bad arguments are rejected before any communication, on every rank") {
   mpi_comm comm;
   const int p = comm.size();

@@ -166,14 +166,14 @@ class mpi_request {
   ~mpi_request() { wait_quietly(); }
 
   /// Blocks until the collective has completed and the output holds the result (MPI_Wait, or
-  /// the shared-memory all-reduce's steps; the communicator's shared-memory all-reduces in
-  /// flight are completed before MPI_Wait blocks).
+  /// the shared-memory all-reduce's steps; the process's shared-memory all-reduces in flight
+  /// are completed before MPI_Wait blocks).
   void wait() {
     if (on_shm_) {
       shm_->wait(ticket_);
       on_shm_ = false;
     } else if (req_ != MPI_REQUEST_NULL) {
-      if (shm_) shm_->drain();
+      detail::shm_reducer::drain_all();
       detail::check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait");
     }
     complete();
@@ -187,7 +187,7 @@ class mpi_request {
       if (!shm_->test(ticket_)) return false;
       on_shm_ = false;
     } else if (req_ != MPI_REQUEST_NULL) {
-      if (shm_) shm_->progress();
+      detail::shm_reducer::progress_all();
       int flag = 0;
       detail::check_mpi(MPI_Test(&req_, &flag, MPI_STATUS_IGNORE), "MPI_Test");
       if (!flag) return false;
@@ -396,11 +396,12 @@ class mpi_comm {
     const int count = detail::mpi_count(n, "iall_reduce");
     const auto len = static_cast<std::size_t>(n);
     const int size = size_;
-    mpi_request r = request();
+    mpi_request r;
     if constexpr (detail::reduced_in_pieces<T>) {
       if (shm_) {
         if (n > 0) {
           r.ticket_ = shm_->start(data, n, op);
+          r.shm_ = shm_;
           r.on_shm_ = true;
         }
         return r;
@@ -433,7 +434,7 @@ class mpi_comm {
     } else {
       const auto len = static_cast<std::size_t>(n_per_rank);
       const int size = size_;
-      mpi_request r = request();
+      mpi_request r;
       detail::check_mpi(MPI_Ireduce_scatter_block(in, out, count, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_),
                         "MPI_Ireduce_scatter_block");
       if (op == reduce_op::average) r.finish_ = [out, len, size] { detail::divide_by(out, len, size); };
@@ -447,7 +448,7 @@ class mpi_comm {
     check_all_gather(in, out, n_per_rank);
     const int count = detail::mpi_count(n_per_rank, "iall_gather");
     const void* send = in_place_gather(in, out, n_per_rank) ? MPI_IN_PLACE : static_cast<const void*>(in);
-    mpi_request r = request();
+    mpi_request r;
     detail::check_mpi(MPI_Iallgather(send, count, mpi_type<T>(), out, count, mpi_type<T>(), comm_, &r.req_), "MPI_Iallgather");
     return r;
   }
@@ -472,26 +473,16 @@ class mpi_comm {
     const int* d = c + size_;
     check_all_gather_v(in, out, counts, d[rank_]);
     const void* send = counts[rank_] > 0 && in == out + d[rank_] ? MPI_IN_PLACE : static_cast<const void*>(in);
-    mpi_request r = request();
+    mpi_request r;
     detail::check_mpi(MPI_Iallgatherv(send, c[rank_], mpi_type<T>(), out, c, d, mpi_type<T>(), comm_, &r.req_), "MPI_Iallgatherv");
     r.ints_ = std::move(ints);
     return r;
   }
 
  private:
-  /// A request of this communicator: its MPI_Wait first completes the shared-memory
-  /// all-reduces in flight.
-  mpi_request request() const {
-    mpi_request r;
-    r.shm_ = shm_;
-    return r;
-  }
-
-  /// Before a blocking MPI call: completes the shared-memory all-reduces in flight, which the
-  /// other ranks may be waiting for (see mpi_shm.hpp).
-  void quiesce() {
-    if (shm_) shm_->drain();
-  }
+  /// Before a blocking MPI call: completes the process's shared-memory all-reduces in flight,
+  /// which the other ranks may be waiting for (see mpi_shm.hpp).
+  static void quiesce() { detail::shm_reducer::drain_all(); }
 
   /// The int counts (size entries) then displacements (size entries) of a _v collective;
   /// every count and the total must fit MPI's int.
@@ -514,7 +505,7 @@ class mpi_comm {
     const int* c = ints.get();
     const auto len = static_cast<std::size_t>(counts[rank_]);
     const int size = size_;
-    mpi_request r = request();
+    mpi_request r;
     if (nonblocking) {
       detail::check_mpi(MPI_Ireduce_scatter(in, out, c, mpi_type<T>(), detail::mpi_op(op), comm_, &r.req_), "MPI_Ireduce_scatter");
     } else {
@@ -568,7 +559,7 @@ class mpi_comm {
     const int p = size_, me = rank_;
     const auto mine = static_cast<std::size_t>(counts[me]);
     const std::size_t piece_bytes = pieces_bytes<T>(mine);
-    mpi_request r = request();
+    mpi_request r;
     r.scratch_ = std::make_unique_for_overwrite<float[]>((piece_bytes + 2 * block * sizeof(A)) / sizeof(float));
     r.ints_ = std::make_unique_for_overwrite<int[]>(4 * static_cast<std::size_t>(p));
     int* a = r.ints_.get();

@@ -30,10 +30,12 @@
 /// communicator, which carries no messages of its own) and yields the core.
 ///
 /// Deadlock freedom. A step of request i needs only steps the other ranks take in their own
-/// progress() of requests they have already started, and every rank calls progress() whenever
-/// it waits for anything: so long as no rank blocks elsewhere with a request in flight, every
-/// request completes. mpi_comm keeps that true: before any blocking MPI call (its blocking
-/// collectives, and MPI_Wait on its other non-blocking ones) it drains the requests in flight.
+/// progress() of requests they have already started, and every rank takes the steps of every
+/// reducer in the process (all communicators) whenever it waits for anything: so long as no
+/// rank blocks elsewhere with a request in flight, every request completes. mpi_comm keeps that
+/// true: before any blocking MPI call (its blocking collectives, and MPI_Wait on its other
+/// non-blocking ones) it drains every reducer's requests in flight (drain_all()), as MPI's own
+/// blocking calls progress every non-blocking collective of the process.
 /// A request larger than the slots drains the ones in flight and remakes the window (a
 /// collective: every rank makes the same request at the same point).
 
@@ -42,6 +44,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -66,6 +69,7 @@ class shm_reducer {
     check_mpi(MPI_Comm_rank(node_, &rank_), "MPI_Comm_rank");
     check_mpi(MPI_Comm_size(node_, &size_), "MPI_Comm_size");
     seg_.resize(static_cast<std::size_t>(size_));
+    live().push_back(this);
   }
   shm_reducer(const shm_reducer&) = delete;
   shm_reducer& operator=(const shm_reducer&) = delete;
@@ -96,6 +100,7 @@ class shm_reducer {
 
   /// Takes every step that can be taken now, in request order.
   void progress() {
+    if (closed_) return;  // drained when closed (unless MPI was finalised first)
     for (bool moved = true; moved;) {
       moved = false;
       if (reduced_ < started_ && least(posted_at) > reduced_ - base_) {
@@ -120,14 +125,14 @@ class shm_reducer {
 
   /// Whether request `ticket` is complete (after a progress()).
   bool test(std::uint64_t ticket) {
-    if (ticket < copied_) return true;
+    if (ticket < copied_ || closed_) return true;
     progress();
     return ticket < copied_;
   }
 
   /// Blocks until request `ticket` is complete.
   void wait(std::uint64_t ticket) {
-    if (ticket < copied_) return;
+    if (ticket < copied_ || closed_) return;
     spin([&] { return ticket < copied_; });
   }
 
@@ -136,18 +141,36 @@ class shm_reducer {
     if (copied_ < started_) spin([&] { return copied_ == started_; });
   }
 
+  /// progress() of every reducer in the process.
+  static void progress_all() {
+    for (shm_reducer* r : live()) r->progress();
+  }
+  /// drain() of every reducer in the process (before a blocking MPI call).
+  static void drain_all() {
+    for (shm_reducer* r : live()) r->drain();
+  }
+
   /// Bytes of this rank's segment of the window (0 before the first all-reduce).
   std::size_t segment_bytes() const noexcept { return win_ == MPI_WIN_NULL ? 0 : header_bytes + slots * slot_bytes_; }
 
   /// Drains, frees the window and the node communicator (unless MPI is finalised).
   void close() noexcept {
     if (closed_) return;
+    auto& l = live();
+    l.erase(std::remove(l.begin(), l.end(), this), l.end());
     closed_ = true;
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
     try {
-      drain();
+      if (copied_ < started_) {
+        for (;;) {  // drain(), with this reducer no longer in live()
+          progress();
+          if (copied_ == started_) break;
+          progress_all();
+          sched_yield();
+        }
+      }
     } catch (...) {
     }
     if (win_ != MPI_WIN_NULL) MPI_Win_free(&win_);
@@ -182,11 +205,18 @@ class shm_reducer {
     return reinterpret_cast<T*>(seg_[static_cast<std::size_t>(rank)] + header_bytes + k * slot_bytes_);
   }
 
-  /// Waits for `done()`, taking steps meanwhile and letting MPI and the other ranks run.
+  /// The reducers of this process (mpi_comm is called from one thread: MPI_THREAD_FUNNELED).
+  static std::vector<shm_reducer*>& live() {
+    static std::vector<shm_reducer*> reducers;
+    return reducers;
+  }
+
+  /// Waits for `done()`, taking steps of every reducer meanwhile and letting MPI and the other
+  /// ranks run.
   template <class Done>
   void spin(Done done) {
     for (;;) {
-      progress();
+      progress_all();
       if (done()) return;
       int flag = 0;
       MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, node_, &flag, MPI_STATUS_IGNORE);

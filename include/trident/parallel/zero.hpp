@@ -643,7 +643,7 @@ class distributed_step : private nn::gradient_listener, private nn::parameter_st
                                    : top_ + 1 < static_cast<int>(infos.size()) ? infos[static_cast<std::size_t>(top_) + 1].offset
                                                                                       : store_.size();
         while (next_bucket_ >= 0 && next_bucket_ * o_.reduce_bucket_size >= ready_from) launch_bucket(next_bucket_--);
-        for (auto& r : inflight_) (void)r.test();  // lets MPI progress the ones in flight
+        for (auto& r : inflight_) (void)r.test();  // advances the ones in flight (MPI progress, shared-memory steps)
       }
       if (top_ < 0) {  // every tensor reported: the backward is over
         if (overlap_) {
