@@ -516,6 +516,28 @@ TEST_CASE("mpi_comm: an all-reduce in flight on one communicator while the ranks
   CHECK(count_wrong(w, 300, p, reduce_op::max, [](int s, index_t i) { return exact_value<double>(s, i, 52); }) == 0);
 }
 
+TEST_CASE("mpi_comm: a communicator destroyed with all-reduces in flight completes them first") {
+  const int r = [] {
+    int x = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &x);
+    return x;
+  }();
+  int p = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  auto v = exact_values<float>(r, 70000, 61);
+  auto w = exact_values<half>(r, 33, 62);
+  mpi_request a, b;
+  {
+    mpi_comm comm;
+    a = comm.iall_reduce(v.data(), 70000, reduce_op::average);
+    b = comm.iall_reduce(w.data(), 33, reduce_op::min);
+  }  // the requests outlive their communicator: its destructor completed them
+  CHECK(a.test());
+  b.wait();
+  CHECK(count_wrong(v, 70000, p, reduce_op::average, [](int s, index_t i) { return exact_value<float>(s, i, 61); }) == 0);
+  CHECK(count_wrong(w, 33, p, reduce_op::min, [](int s, index_t i) { return exact_value<half>(s, i, 62); }) == 0);
+}
+
 TEST_CASE("mpi_comm: bad arguments are rejected before any communication, on every rank") {
   mpi_comm comm;
   const int p = comm.size();

@@ -158,23 +158,17 @@ class shm_reducer {
     if (closed_) return;
     auto& l = live();
     l.erase(std::remove(l.begin(), l.end(), this), l.end());
-    closed_ = true;
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (finalized) return;
-    try {
-      if (copied_ < started_) {
-        for (;;) {  // drain(), with this reducer no longer in live()
-          progress();
-          if (copied_ == started_) break;
-          progress_all();
-          sched_yield();
-        }
+    if (!finalized) {
+      try {
+        spin([&] { return copied_ == started_; });  // drain(), this reducer no longer in live()
+      } catch (...) {
       }
-    } catch (...) {
+      if (win_ != MPI_WIN_NULL) MPI_Win_free(&win_);
+      MPI_Comm_free(&node_);
     }
-    if (win_ != MPI_WIN_NULL) MPI_Win_free(&win_);
-    MPI_Comm_free(&node_);
+    closed_ = true;
   }
 
  private:
@@ -216,6 +210,7 @@ class shm_reducer {
   template <class Done>
   void spin(Done done) {
     for (;;) {
+      progress();  // also when closing, out of live()
       progress_all();
       if (done()) return;
       int flag = 0;
