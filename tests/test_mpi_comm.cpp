@@ -538,6 +538,28 @@ TEST_CASE("mpi_comm: a communicator destroyed with all-reduces in flight complet
   CHECK(count_wrong(w, 33, p, reduce_op::min, [](int s, index_t i) { return exact_value<half>(s, i, 62); }) == 0);
 }
 
+TEST_CASE("mpi_comm: all-reduces whose count, type or op differ between the ranks fail on every rank, naming both calls") {
+  mpi_comm comm, other;
+  const int r = comm.rank(), p = comm.size();
+  if (!comm.shared_memory()) return;  // MPI's own all-reduce need not detect it
+  std::vector<float> v(200, 1.0f);
+  comm.all_reduce(v.data(), 200, reduce_op::sum);  // the window exists, large enough for both calls below
+  CHECK(v[0] == static_cast<float>(p));
+  const std::string want = r == 0 ? "rank 0: 100 float elements, sum; rank 1: 101 float elements, sum" : "the ranks' calls differ";
+  CHECK_THROWS_WITH_AS(
+      [&] {
+        auto q = comm.iall_reduce(v.data(), 100 + (r > 0 ? 1 : 0), reduce_op::sum);
+        q.wait();
+      }(),
+      doctest::Contains(want.c_str()), error);
+  CHECK_THROWS_WITH_AS(comm.all_reduce(v.data(), 5, reduce_op::sum), doctest::Contains("the ranks' calls differ"), error);
+  // the process's other communicators are not affected
+  std::vector<double> w(7, 2.0);
+  other.all_reduce(w.data(), 7, reduce_op::max);
+  other.barrier();
+  CHECK(w[6] == 2.0);
+}
+
 TEST_CASE("mpi_comm: bad arguments are rejected before any communication, on every rank") {
   mpi_comm comm;
   const int p = comm.size();

@@ -278,6 +278,16 @@ inline void finish_reduction(A* acc, std::size_t n, reduce_op op, int size) noex
   for (std::size_t i = 0; i < n; ++i) acc[i] /= d;
 }
 
+/// The name of a communicator element type, for messages.
+template <comm_element T>
+constexpr const char* comm_type_name() noexcept {
+  if constexpr (std::same_as<T, float>) return "float";
+  else if constexpr (std::same_as<T, double>) return "double";
+  else if constexpr (std::same_as<T, std::int32_t>) return "int32";
+  else if constexpr (std::same_as<T, bfloat16>) return "bfloat16";
+  else return "half";
+}
+
 /// Widens T to its accumulation type (exact).
 template <comm_element T>
 inline void to_accumulator(const T* in, comm_accumulator_t<T>* out, std::size_t n) noexcept {

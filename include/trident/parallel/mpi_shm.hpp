@@ -38,6 +38,13 @@
 /// blocking calls progress every non-blocking collective of the process.
 /// A request larger than the slots drains the ones in flight and remakes the window (a
 /// collective: every rank makes the same request at the same point).
+///
+/// Mismatched calls. Each rank also publishes each request's count, element type and op with
+/// it; a rank that finds another's different (a user error that MPI itself need not detect)
+/// throws an error naming both, on every rank, and the reducer stays failed: its later calls
+/// throw the same error, and the process's other communicators go on. A mismatch in count
+/// that makes only some ranks remake the window cannot be detected that way (they would wait
+/// for each other).
 
 #include <mpi.h>
 #include <sched.h>
@@ -50,6 +57,7 @@
 #include <cstring>
 #include <deque>
 #include <new>
+#include <string>
 #include <vector>
 
 #include "communicator.hpp"
@@ -80,11 +88,16 @@ class shm_reducer {
   template <class T>
   std::uint64_t start(T* data, index_t n, reduce_op op) {
     if (closed_) throw error("trident::mpi_comm: all_reduce on a communicator that was freed");
+    check_failed();
     const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
     if (win_ == MPI_WIN_NULL || bytes > slot_bytes_) remake(bytes);
     const std::uint64_t i = started_ - base_;
     if (i >= static_cast<std::uint64_t>(slots)) spin([&] { return least(done_at) + slots > i; });
     const std::size_t k = i % slots;
+    signature& sig = sign(rank_, k);
+    sig.n = static_cast<std::uint64_t>(n);
+    sig.type = type_code<T>();
+    sig.op = static_cast<std::uint32_t>(op);
     T* mine = slot<T>(rank_, k);
     for (int s = 0; s < size_; ++s) {
       if (s == rank_) continue;
@@ -101,10 +114,12 @@ class shm_reducer {
   /// Takes every step that can be taken now, in request order.
   void progress() {
     if (closed_) return;  // drained when closed (unless MPI was finalised first)
+    check_failed();
     for (bool moved = true; moved;) {
       moved = false;
       if (reduced_ < started_ && least(posted_at) > reduced_ - base_) {
         const std::uint64_t i = reduced_ - base_;
+        check_signatures(i % slots);
         const job& j = pending_[static_cast<std::size_t>(reduced_ - copied_)];
         j.reduce(*this, j, i % slots);
         counter(rank_, reduced_at).store(i + 1, std::memory_order_release);
@@ -126,6 +141,7 @@ class shm_reducer {
   /// Whether request `ticket` is complete (after a progress()).
   bool test(std::uint64_t ticket) {
     if (ticket < copied_ || closed_) return true;
+    check_failed();
     progress();
     return ticket < copied_;
   }
@@ -133,6 +149,7 @@ class shm_reducer {
   /// Blocks until request `ticket` is complete.
   void wait(std::uint64_t ticket) {
     if (ticket < copied_ || closed_) return;
+    check_failed();
     spin([&] { return ticket < copied_; });
   }
 
@@ -162,7 +179,7 @@ class shm_reducer {
     MPI_Finalized(&finalized);
     if (!finalized) {
       try {
-        spin([&] { return copied_ == started_; });  // drain(), this reducer no longer in live()
+        if (failed_.empty()) spin([&] { return copied_ == started_; });  // drain(), out of live()
       } catch (...) {
       }
       if (win_ != MPI_WIN_NULL) MPI_Win_free(&win_);
@@ -180,14 +197,61 @@ class shm_reducer {
     void (*copy)(shm_reducer&, const job&, std::size_t);
   };
 
+  /// What a rank publishes of each request, to check that the ranks' calls match.
+  struct signature {
+    std::uint64_t n;
+    std::uint32_t type;  // type_code
+    std::uint32_t op;
+  };
+
   static constexpr std::size_t line = 64;
-  static constexpr std::size_t header_bytes = 4 * line;  // posted, reduced, done; slots from 256
+  // lines 0-2: the counters posted, reduced, done; lines 3 to 3+slots: each slot's signature;
+  // the slots from byte 512
+  static constexpr std::size_t header_bytes = 8 * line;
   static constexpr int posted_at = 0, reduced_at = 1, done_at = 2;
+  static_assert(3 + slots <= 8, "the header holds the counters and one signature per slot");
   static constexpr std::size_t block = 4096;             // elements reduced per pass over the ranks
 
   std::atomic<std::uint64_t>& counter(int rank, int which) const noexcept {
     return *std::launder(reinterpret_cast<std::atomic<std::uint64_t>*>(seg_[static_cast<std::size_t>(rank)] + which * line));
   }
+  signature& sign(int rank, std::size_t k) const noexcept {
+    return *reinterpret_cast<signature*>(seg_[static_cast<std::size_t>(rank)] + (3 + k) * line);
+  }
+  template <class T>
+  static constexpr std::uint32_t type_code() noexcept {
+    if constexpr (std::same_as<T, float>) return 0;
+    else if constexpr (std::same_as<T, double>) return 1;
+    else if constexpr (std::same_as<T, bfloat16>) return 2;
+    else return 3;
+  }
+  static const char* type_name(std::uint32_t code) noexcept {
+    constexpr const char* names[] = {comm_type_name<float>(), comm_type_name<double>(), comm_type_name<bfloat16>(),
+                                     comm_type_name<half>()};
+    return code < 4 ? names[code] : "unknown type";
+  }
+  static std::string describe(const signature& s) {
+    return std::to_string(s.n) + " " + type_name(s.type) + " elements, " + to_string(static_cast<reduce_op>(s.op));
+  }
+
+  /// Every rank posted slot k's request (acquired): their signatures must be this rank's.
+  void check_signatures(std::size_t k) {
+    const signature& mine = sign(rank_, k);
+    for (int s = 0; s < size_; ++s) {
+      const signature& other = sign(s, k);
+      if (other.n == mine.n && other.type == mine.type && other.op == mine.op) continue;
+      failed_ = "trident::mpi_comm::all_reduce: the ranks' calls differ (rank " + std::to_string(rank_) + ": " + describe(mine) +
+                "; rank " + std::to_string(s) + ": " + describe(other) +
+                "): every rank must all-reduce the same count and type with the same op, in the same order";
+      auto& l = live();
+      l.erase(std::remove(l.begin(), l.end(), this), l.end());  // never completes: others must not wait on it
+      throw error(failed_);
+    }
+  }
+  void check_failed() const {
+    if (!failed_.empty()) throw error(failed_);
+  }
+
   /// The smallest value of counter `which` over the ranks.
   std::uint64_t least(int which) const noexcept {
     std::uint64_t m = counter(0, which).load(std::memory_order_acquire);
@@ -289,6 +353,7 @@ class shm_reducer {
   int rank_ = 0;
   int size_ = 1;
   bool closed_ = false;
+  std::string failed_;  // the error of a mismatched call (the reducer is unusable after it)
   std::size_t slot_bytes_ = 0;
   std::vector<unsigned char*> seg_;  // every rank's segment, mapped here
   std::deque<job> pending_;          // requests copied_ .. started_

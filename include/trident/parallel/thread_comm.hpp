@@ -76,15 +76,6 @@ inline const char* to_string(thread_coll k) noexcept {
   return "unknown";
 }
 
-template <comm_element T>
-constexpr const char* comm_type_name() noexcept {
-  if constexpr (std::same_as<T, float>) return "float";
-  else if constexpr (std::same_as<T, double>) return "double";
-  else if constexpr (std::same_as<T, std::int32_t>) return "int32";
-  else if constexpr (std::same_as<T, bfloat16>) return "bfloat16";
-  else return "half";
-}
-
 /// What a rank publishes for the collective it is in.
 struct thread_slot {
   thread_coll kind = thread_coll::none;
