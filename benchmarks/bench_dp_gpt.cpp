@@ -217,7 +217,8 @@ int main(int argc, char** argv) {
       if (json) {
         std::printf("{\"bench\":\"dp_gpt\",\"strategy\":\"%s\",\"precision\":\"%s\",\"ranks\":%d,\"intra_node\":\"%s\","
                     "\"tokens_per_s\":%.1f,\"step_ms\":%.2f,\"ok\":%s}\n",
-                    strategy.c_str(), precision.c_str(), comm.size(), comm.shared_memory() ? "shm" : "mpi", bench::median(res.tokens_per_s), bench::median(res.step_ms),
+                    strategy.c_str(), precision.c_str(), comm.size(), comm.shared_memory() ? "shm" : "mpi",
+                    bench::median(res.tokens_per_s), bench::median(res.step_ms),
                     ok ? "true" : "false");
       }
     }

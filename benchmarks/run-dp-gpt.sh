@@ -3,10 +3,10 @@
 # thread and on its share of the same global batch of 8 sequences of 256 tokens. Each
 # repetition runs 1 rank (data parallel, the baseline), then 2 ranks with data parallel, data
 # parallel with MPI's own all-reduce instead of mpi_comm's shared-memory one (--intra-node mpi,
-# for comparison), zero1, zero2 and zero3; the summary gives the median over the repetitions of each run's median
-# tokens/s and the medians of the per-repetition ratios: 2-rank / 1-rank tokens/s (bar >= 1.8)
-# and each ZeRO stage's step time / data parallel's at 2 ranks (bars: ZeRO-1/2 within 10%,
-# ZeRO-3 within 30%).
+# for comparison), zero1, zero2 and zero3; the summary gives the median over the repetitions
+# of each run's median tokens/s and the medians of the per-repetition ratios: 2-rank / 1-rank
+# tokens/s (bar >= 1.8) and each ZeRO stage's step time / data parallel's at 2 ranks (bars:
+# ZeRO-1/2 within 10%, ZeRO-3 within 30%).
 #
 #   benchmarks/run-dp-gpt.sh      (env: REPS=3 ROUNDS=3 STEPS=3 PRECISION=fp32 BUILD_DIR=build-bench)
 set -euo pipefail

@@ -26,8 +26,8 @@
 ///
 /// Reductions. Otherwise all_reduce of float, double and int32 is MPI_Allreduce
 /// (MPI_Iallreduce) with MPI's own op (average: MPI_SUM, then a local division by size()), and
-/// so are int32's reduce-scatters. The other reductions are done in pieces: each rank receives its piece of
-/// every other rank's buffer in the element type (MPI_Alltoallv, or MPI_Ialltoallv for the
+/// so are int32's reduce-scatters. The other reductions are done in pieces: each rank receives
+/// its piece of every other rank's buffer in the element type (MPI_Alltoallv, or MPI_Ialltoallv for the
 /// non-blocking ones, whose request reduces on completion), reduces the pieces in rank order
 /// in the accumulation type (fp32 for bfloat16 and half) and rounds once; all_reduce of the
 /// 2-byte types then gathers the rounded pieces (MPI_Allgatherv). That is every reduce_scatter
@@ -48,8 +48,8 @@
 /// and rounds back once on completion: one MPI request, in MPI's order.
 ///
 /// Order. Where MPI reduces (int32 all_reduce and reduce-scatters; float and double all_reduce
-/// and the non-blocking 2-byte all_reduce across nodes), it chooses the order: its algorithm depends on the size and
-/// the implementation, so unlike thread_comm the order is not rank order; MPI implementations
+/// and the non-blocking 2-byte all_reduce across nodes), it chooses the order: its algorithm
+/// depends on the size and the implementation, so unlike thread_comm the order is not rank order; MPI implementations
 /// give the same result on every rank and, for the same ranks, sizes and process layout, the
 /// same result every run. Those results are exactly a rank-order reduction's whenever the fp32
 /// (fp64) sums involved are exact; the reductions done in pieces and through shared memory
@@ -75,9 +75,9 @@
 #include <climits>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <functional>
-#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -140,7 +140,6 @@ class mpi_request {
       : req_(std::exchange(o.req_, MPI_REQUEST_NULL)),
         shm_(std::move(o.shm_)),
         ticket_(o.ticket_),
-        on_shm_(std::exchange(o.on_shm_, false)),
         scratch_(std::move(o.scratch_)),
         ints_(std::move(o.ints_)),
         finish_(std::move(o.finish_)) {
@@ -153,7 +152,6 @@ class mpi_request {
       req_ = std::exchange(o.req_, MPI_REQUEST_NULL);
       shm_ = std::move(o.shm_);
       ticket_ = o.ticket_;
-      on_shm_ = std::exchange(o.on_shm_, false);
       scratch_ = std::move(o.scratch_);
       ints_ = std::move(o.ints_);
       finish_ = std::move(o.finish_);
@@ -169,9 +167,8 @@ class mpi_request {
   /// the shared-memory all-reduce's steps; the process's shared-memory all-reduces in flight
   /// are completed before MPI_Wait blocks).
   void wait() {
-    if (on_shm_) {
+    if (shm_) {
       shm_->wait(ticket_);
-      on_shm_ = false;
     } else if (req_ != MPI_REQUEST_NULL) {
       detail::shm_reducer::drain_all();
       detail::check_mpi(MPI_Wait(&req_, MPI_STATUS_IGNORE), "MPI_Wait");
@@ -183,9 +180,8 @@ class mpi_request {
   /// steps of a shared-memory all-reduce that can be taken now); when it has, the output holds
   /// the result.
   bool test() {
-    if (on_shm_) {
+    if (shm_) {
       if (!shm_->test(ticket_)) return false;
-      on_shm_ = false;
     } else if (req_ != MPI_REQUEST_NULL) {
       detail::shm_reducer::progress_all();
       int flag = 0;
@@ -224,9 +220,8 @@ class mpi_request {
   }
 
   MPI_Request req_ = MPI_REQUEST_NULL;
-  std::shared_ptr<detail::shm_reducer> shm_;  // the communicator's, when it has one
-  std::uint64_t ticket_ = 0;                  // the shared-memory all-reduce's, when on_shm_
-  bool on_shm_ = false;
+  std::shared_ptr<detail::shm_reducer> shm_;  // a shared-memory all-reduce's reducer, until complete
+  std::uint64_t ticket_ = 0;                  // and its ticket
   std::unique_ptr<float[]> scratch_;  // staging of a reduction (its address is stable)
   std::unique_ptr<int[]> ints_;       // counts and displacements of a _v collective
   std::function<void()> finish_;
@@ -322,9 +317,9 @@ class mpi_comm {
   /// `in` and `out` must not overlap.
   template <comm_element T>
   void reduce_scatter(const T* in, T* out, index_t n_per_rank, reduce_op op) {
-    quiesce();
     check_reduce_scatter(in, out, n_per_rank, op);
     const int count = detail::mpi_count(n_per_rank, "reduce_scatter");
+    quiesce();
     if constexpr (detail::reduced_in_pieces<T>) {
       const int* c = equal_pieces(count);
       reduce_pieces(in, out, c, c + size_, op);
@@ -338,9 +333,9 @@ class mpi_comm {
   /// slot `out + rank*n_per_rank` (MPI_IN_PLACE); it may not overlap `out` otherwise.
   template <comm_element T>
   void all_gather(const T* in, T* out, index_t n_per_rank) {
-    quiesce();
     check_all_gather(in, out, n_per_rank);
     const int count = detail::mpi_count(n_per_rank, "all_gather");
+    quiesce();
     const void* send = in_place_gather(in, out, n_per_rank) ? MPI_IN_PLACE : static_cast<const void*>(in);
     detail::check_mpi(MPI_Allgather(send, count, mpi_type<T>(), out, count, mpi_type<T>(), comm_), "MPI_Allgather");
   }
@@ -349,9 +344,9 @@ class mpi_comm {
   /// `in` and `out` must not overlap.
   template <comm_element T>
   void reduce_scatter_v(const T* in, T* out, const index_t* counts, reduce_op op) {
-    quiesce();
     auto ints = v_arrays(counts, "reduce_scatter_v");
     check_reduce_scatter_v(in, out, counts, op);
+    quiesce();
     if constexpr (detail::reduced_in_pieces<T>) {
       reduce_pieces(in, out, ints.get(), ints.get() + size_, op);
     } else {
@@ -364,22 +359,22 @@ class mpi_comm {
   /// (MPI_IN_PLACE); it may not overlap `out` otherwise.
   template <comm_element T>
   void all_gather_v(const T* in, T* out, const index_t* counts) {
-    quiesce();
     auto ints = v_arrays(counts, "all_gather_v");
     const int* c = ints.get();
     const int* d = c + size_;
     const void* send = counts[rank_] > 0 && in == out + d[rank_] ? MPI_IN_PLACE : static_cast<const void*>(in);
     check_all_gather_v(in, out, counts, d[rank_]);
+    quiesce();
     detail::check_mpi(MPI_Allgatherv(send, c[rank_], mpi_type<T>(), out, c, d, mpi_type<T>(), comm_), "MPI_Allgatherv");
   }
 
   /// Every rank's data[0, n) becomes the root's.
   template <comm_element T>
   void broadcast(T* data, index_t n, int root) {
-    quiesce();
     detail::check_count(n, "mpi_comm", "broadcast");
     detail::check_buffer(data, n, "mpi_comm", "broadcast", "data");
     detail::check_root(root, size_, "mpi_comm", "broadcast");
+    quiesce();
     detail::check_mpi(MPI_Bcast(data, detail::mpi_count(n, "broadcast"), mpi_type<T>(), root, comm_), "MPI_Bcast");
   }
 
@@ -402,7 +397,6 @@ class mpi_comm {
         if (n > 0) {
           r.ticket_ = shm_->start(data, n, op);
           r.shm_ = shm_;
-          r.on_shm_ = true;
         }
         return r;
       }

@@ -11,8 +11,8 @@
 /// ranks have already published in the window, never their attention, and the bytes move
 /// once: each rank reads the others' buffers where they lie.
 ///
-/// How. Each rank's segment of the window holds a header (three counters, each on its own cache
-/// line) and `slots` slots of slot_bytes. Request i (the i-th all-reduce since the window was
+/// How. Each rank's segment of the window holds a header (three counters and one signature per
+/// slot, each on its own cache line) and `slots` slots of slot_bytes. Request i (the i-th all-reduce since the window was
 /// made, the same i on every rank, since collectives are called in the same order) uses slot
 /// i % slots of every rank, and its n elements are split as thread_comm splits them
 /// (detail::even_share): rank s owns piece s. Three steps, each published by a counter:
@@ -173,8 +173,7 @@ class shm_reducer {
   /// Drains, frees the window and the node communicator (unless MPI is finalised).
   void close() noexcept {
     if (closed_) return;
-    auto& l = live();
-    l.erase(std::remove(l.begin(), l.end(), this), l.end());
+    leave_live();
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized) {
@@ -210,7 +209,7 @@ class shm_reducer {
   static constexpr std::size_t header_bytes = 8 * line;
   static constexpr int posted_at = 0, reduced_at = 1, done_at = 2;
   static_assert(3 + slots <= 8, "the header holds the counters and one signature per slot");
-  static constexpr std::size_t block = 4096;             // elements reduced per pass over the ranks
+  static constexpr std::size_t block = 4096;  // elements reduced per pass over the ranks
 
   std::atomic<std::uint64_t>& counter(int rank, int which) const noexcept {
     return *std::launder(reinterpret_cast<std::atomic<std::uint64_t>*>(seg_[static_cast<std::size_t>(rank)] + which * line));
@@ -243,8 +242,7 @@ class shm_reducer {
       failed_ = "trident::mpi_comm::all_reduce: the ranks' calls differ (rank " + std::to_string(rank_) + ": " + describe(mine) +
                 "; rank " + std::to_string(s) + ": " + describe(other) +
                 "): every rank must all-reduce the same count and type with the same op, in the same order";
-      auto& l = live();
-      l.erase(std::remove(l.begin(), l.end(), this), l.end());  // never completes: others must not wait on it
+      leave_live();  // never completes: the other reducers' waits must not wait on it
       throw error(failed_);
     }
   }
@@ -267,6 +265,11 @@ class shm_reducer {
   static std::vector<shm_reducer*>& live() {
     static std::vector<shm_reducer*> reducers;
     return reducers;
+  }
+
+  void leave_live() noexcept {
+    auto& l = live();
+    l.erase(std::remove(l.begin(), l.end(), this), l.end());
   }
 
   /// Waits for `done()`, taking steps of every reducer meanwhile and letting MPI and the other
