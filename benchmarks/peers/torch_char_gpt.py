@@ -1,18 +1,29 @@
 #!/usr/bin/python3
-"""The char_gpt run written in PyTorch, for reference: nanoGPT's shakespeare_char CPU training
-(train.py's loop and get_lr, 2000 iterations, block 64, batch 12, 4 layers, 4 heads, width 128,
-AdamW 1e-3 -> 1e-4 with 100 warm-up iterations, betas (0.9, 0.99), weight decay 0.1 on 2-D
-weights, clipping at 1.0) on the model of torch_gpt.py (nanoGPT's, with biases), and a check of
-trident's forward pass against PyTorch's on the same weights.
+"""The char_gpt run written in PyTorch, for reference. Three modes:
 
-  torch_char_gpt.py [--seed 1337] [--iters 2000]   train; print the validation loss as
-                                                    nanoGPT estimates it (20 random batches)
-                                                    and over the whole split
-  torch_char_gpt.py --weights model.bin             load weights saved by char_gpt --bias
-                                                    --save model.bin and print the loss over
-                                                    the whole validation split, which
-                                                    char_gpt_fp32 --bias --load model.bin
-                                                    --iters 0 prints too
+  torch_char_gpt.py [--seed 1337] [--iters 2000] [--bias]
+      nanoGPT's shakespeare_char CPU run as its README gives it (train.py config/train_shakespeare_char.py
+      --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12
+      --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0):
+      train.py's loop step for step, with its random stream: torch.manual_seed(seed), the model made
+      and initialised in model.py's order (bias=False, train.py's default), the first batch drawn
+      before the loop and the next one right after each forward, estimate_loss (20 random batches
+      of train, then of val) every 250 iterations before the step, get_lr (warm-up
+      lr*(it+1)/(warmup+1) over 100 iterations, cosine to 1e-4 at 2000), AdamW (0.9, 0.99) with
+      weight decay 0.1 on the 2-D tensors, clip_grad_norm_(1.0). Prints train.py's "step N: train
+      loss X, val loss Y" lines; then, of the final model, the spread of train.py's 20-batch
+      validation estimate over 100 more draws and the loss over the whole validation split.
+
+  torch_char_gpt.py --twin init.bin --twin-log run.csv [--seed 1337] [--bias]
+      the same training as a char_gpt_fp32 run, started from its weights: init.bin from
+      `char_gpt_fp32 --iters 0 --save init.bin`, run.csv from `char_gpt_fp32 --csv run.csv` with the
+      same --seed (and --bias); the batches are char_gpt's (its Philox batch stream, reimplemented
+      here) and each iteration's lr is the one char_gpt logged. Prints the two training losses side
+      by side and the whole-split validation loss, which char_gpt prints at the end of its run.
+
+  torch_char_gpt.py --weights model.bin
+      the loss over the whole validation split of weights saved by char_gpt (--save), which
+      char_gpt_fp32 --load model.bin --iters 0 prints too (a check of the forward pass).
 
 The whole-split loss cuts the validation split into consecutive windows of 64 tokens (every
 token predicted once), as char_gpt does. Run with Debian's /usr/bin/python3 and
@@ -78,6 +89,143 @@ def whole_split_loss(model, val):
     return total / windows
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(c, k0, k1):
+    """Philox4x32-10 (core/rng.hpp): the 128-bit counter c (4 words) under the key (k0, k1)."""
+    c0, c1, c2, c3 = c
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
+    return c0, c1, c2, c3
+
+
+class BatchRng:
+    """char_gpt's batch stream (io::batch_rng): value i is half of the Philox block with counter
+    (i / 2, "text"), and below(n) rejects the values under 2^64 mod n."""
+
+    TAG = 0x74657874
+
+    def __init__(self, seed):
+        self.seed, self.pos = seed, 0
+
+    def next(self):
+        b = self.pos // 2
+        r = philox4x32_10((b & MASK32, b >> 32, self.TAG, 0), self.seed & MASK32, self.seed >> 32)
+        k = 2 * (self.pos % 2)
+        self.pos += 1
+        return (r[k + 1] << 32) | r[k]
+
+    def below(self, n):
+        threshold = (2**64 - n) % n
+        while True:
+            x = self.next()
+            if x >= threshold:
+                return x % n
+
+
+def rows(d, ix):
+    return torch.stack([d[i:i + BLOCK] for i in ix]), torch.stack([d[i + 1:i + 1 + BLOCK] for i in ix])
+
+
+def nanogpt(model, train, val, iters, t0):
+    """train.py's loop, in the order it draws from torch's random stream."""
+    eval_interval, eval_iters, warmup, lr_max, min_lr = 250, 20, 100, 1e-3, 1e-4
+
+    def get_batch(d):
+        return rows(d, torch.randint(len(d) - BLOCK, (BATCH,)))
+
+    @torch.no_grad()
+    def estimate_loss():
+        out = {}
+        model.eval()
+        for name, d in (("train", train), ("val", val)):
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                losses[k] = model(*get_batch(d)).item()
+            out[name] = losses.mean()
+        model.train()
+        return out
+
+    def get_lr(it):
+        if it < warmup:
+            return lr_max * (it + 1) / (warmup + 1)
+        if it > iters:
+            return min_lr
+        coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / (iters - warmup)))
+        return min_lr + coeff * (lr_max - min_lr)
+
+    opt = torch_gpt.configure_optimizer(model, False)
+    x, y = get_batch(train)
+    it = 0
+    while True:
+        for g in opt.param_groups:
+            g["lr"] = get_lr(it)
+        if it % eval_interval == 0:
+            losses = estimate_loss()
+            print("step %d: train loss %.4f, val loss %.4f (%.0f s)" % (it, losses["train"], losses["val"], time.time() - t0),
+                  flush=True)
+        loss = model(x, y)
+        x, y = get_batch(train)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        it += 1
+        if it > iters:
+            break
+
+
+def twin(model, train, seed, log_path):
+    """char_gpt's training from the same weights, batches and lrs; returns its per-iteration
+    training losses next to char_gpt's."""
+    lrs, theirs, last_lr = [], [], None
+    with open(log_path) as f:
+        header = f.readline().strip().split(",")
+        col = {name: i for i, name in enumerate(header)}
+        for line in f:
+            v = line.strip().split(",")
+            it, lr, loss = int(float(v[col["iter"]])), float(v[col["lr"]]), v[col["train_loss"]]
+            if loss not in ("", "nan"):  # a training row: it ran with the lr logged before it
+                if it != len(lrs) + 1:
+                    sys.exit("%s: iteration %d out of order" % (log_path, it))
+                lrs.append(last_lr)
+                theirs.append(float(loss))
+            last_lr = lr
+    if not lrs:
+        sys.exit("%s: no training rows (char_gpt --csv)" % log_path)
+    opt = torch_gpt.configure_optimizer(model, False)
+    rng, n = BatchRng(seed), len(train) - BLOCK
+    ours = []
+    for lr in lrs:
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(*rows(train, [rng.below(n) for _ in range(BATCH)]))
+        ours.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return ours, theirs
+
+
+def load_into(model, path):
+    w = read_weights(path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            src = "wte.weight" if name == "lm_head.weight" else name
+            if src not in w or w[src].shape != p.shape:
+                sys.exit("%s: no tensor %s of shape %s (saved with%s --bias?)"
+                         % (path, src, tuple(p.shape), "" if "h.0.ln_1.bias" in dict(model.named_parameters()) else "out"))
+            p.copy_(w[src])
+        extra = set(w) - {n for n, _ in model.named_parameters()}
+        if extra:
+            sys.exit("%s: tensors the model does not have: %s" % (path, ", ".join(sorted(extra))))
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser()
@@ -86,54 +234,47 @@ def main():
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--weights")
+    ap.add_argument("--bias", action="store_true", help="biases in the Linears and LayerNorms (nanoGPT's bias=True)")
+    ap.add_argument("--weights", help="print the whole-split loss of these char_gpt weights")
+    ap.add_argument("--twin", help="char_gpt's initial weights (char_gpt_fp32 --iters 0 --save)")
+    ap.add_argument("--twin-log", help="char_gpt's CSV log of the run to follow (char_gpt_fp32 --csv)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     vocab, train, val = load_text(a.data)
-    model = torch_gpt.GPT(vocab, BLOCK, 4, 4, 128)
+    t0 = time.time()
     if a.weights:
-        w = read_weights(a.weights)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                src = "wte.weight" if name == "lm_head.weight" else name
-                if src not in w or w[src].shape != p.shape:
-                    sys.exit("%s: no tensor %s of shape %s (saved with char_gpt --bias?)" % (a.weights, src, tuple(p.shape)))
-                p.copy_(w[src])
+        names = set(read_weights(a.weights))
+        model = torch_gpt.GPT(vocab, BLOCK, 4, 4, 128, bias="h.0.ln_1.bias" in names)
+        load_into(model, a.weights)
         print("whole-split validation loss: %.6f" % whole_split_loss(model, val))
         return
-
-    def batch(d):
-        ix = torch.randint(len(d) - BLOCK, (BATCH,))
-        return torch.stack([d[i:i + BLOCK] for i in ix]), torch.stack([d[i + 1:i + 1 + BLOCK] for i in ix])
-
-    def estimate(d, k=20):
+    model = torch_gpt.GPT(vocab, BLOCK, 4, 4, 128, bias=a.bias)
+    if a.twin:
+        if not a.twin_log:
+            sys.exit("--twin needs --twin-log (char_gpt's --csv of the run)")
+        load_into(model, a.twin)
+        ours, theirs = twin(model, train, a.seed, a.twin_log)
+        print("iterations   mean training loss: PyTorch  char_gpt  largest |difference| of one iteration")
+        for lo, hi in ((0, 1), (1, 10), (10, 100), (100, 500), (500, 1000), (1000, 1500), (1500, len(ours))):
+            if lo < len(ours):
+                hi = min(hi, len(ours))
+                m1, m2 = sum(ours[lo:hi]) / (hi - lo), sum(theirs[lo:hi]) / (hi - lo)
+                worst = max(abs(u - v) for u, v in zip(ours[lo:hi], theirs[lo:hi]))
+                print("%5d-%-5d  %23.6f  %8.6f  %.2e" % (lo + 1, hi, m1, m2, worst))
+    else:
+        nanogpt(model, train, val, a.iters, t0)
+        # How far train.py's 20-batch estimate strays from the model's loss: 100 more draws.
         model.eval()
         with torch.no_grad():
-            loss = sum(model(*batch(d)).item() for _ in range(k)) / k
+            draws = sorted(sum(model(*rows(val, torch.randint(len(val) - BLOCK, (BATCH,)))).item() for _ in range(20)) / 20
+                           for _ in range(100))
         model.train()
-        return loss
-
-    def lr_at(it, lr=1e-3, min_lr=1e-4, warmup=100, decay=a.iters):
-        if it < warmup:
-            return lr * it / warmup
-        return min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (decay - warmup))) * (lr - min_lr)
-
-    opt = torch_gpt.configure_optimizer(model, False)
-    t0 = time.time()
-    for it in range(a.iters + 1):
-        if it % 500 == 0 or it == a.iters:
-            print("iter %d: val loss %.4f (20 random batches), %.4f (whole split), %.0f s"
-                  % (it, estimate(val), whole_split_loss(model, val), time.time() - t0), flush=True)
-        if it == a.iters:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it)
-        loss = model(*batch(train))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        mean = sum(draws) / len(draws)
+        sd = math.sqrt(sum((d - mean) ** 2 for d in draws) / (len(draws) - 1))
+        print("train.py's 20-batch validation estimate, 100 more draws on the final model: mean %.4f, sd %.4f, "
+              "min %.4f, max %.4f" % (mean, sd, draws[0], draws[-1]))
+    print("whole-split validation loss: %.4f (%.0f s)" % (whole_split_loss(model, val), time.time() - t0), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ causal self-attention with a fused c_attn Linear(C, 3C) and c_proj Linear(C, C),
 nanoGPT's fallback (torch 1.13 has no scaled_dot_product_attention): q @ k^T * 1/sqrt(hs),
 masked_fill(-inf) above the diagonal, softmax, @ v; MLP Linear(C, 4C), GELU (exact),
 Linear(4C, C); final LayerNorm; lm_head tied to the token embedding; biases everywhere
-(bias=True), dropout 0; nanoGPT's init (normal(0, 0.02), c_proj weights normal(0,
-0.02/sqrt(2 n_layer)), zero biases, LayerNorm ones/zeros). N counts the parameters without the
-position embedding (nanoGPT's get_num_params()); FLOPs per token are 6 N + 12 L T C.
+(bias=True; GPT(..., bias=False) leaves them out, as nanoGPT's train.py does), dropout 0;
+nanoGPT's init (normal(0, 0.02), c_proj weights normal(0, 0.02/sqrt(2 n_layer)), zero biases,
+LayerNorm ones/zeros). N counts the parameters without the position embedding (nanoGPT's
+get_num_params()); FLOPs per token are 6 N + 12 L T C.
 
 A step: forward, cross-entropy, backward, clip_grad_norm_(1.0), AdamW(lr 1e-3, betas (0.9, 0.99),
 weight decay 0.1 on the 2-D tensors only and 0 on biases and LayerNorms, as nanoGPT's
@@ -66,12 +67,27 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+class LayerNormNoBias(nn.Module):
+    """nanoGPT's LayerNorm(bias=False): torch 1.13's nn.LayerNorm always has a bias."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+
+def LayerNorm(n, bias):
+    return nn.LayerNorm(n) if bias else LayerNormNoBias(n)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, block):
+    def __init__(self, n_embd, n_head, block, bias=True):
         super().__init__()
         self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.register_buffer("mask", torch.tril(torch.ones(block, block, dtype=torch.bool)).view(1, 1, block, block))
 
     def forward(self, x):
@@ -89,23 +105,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd):
+    def __init__(self, n_embd, bias=True):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block):
+    def __init__(self, n_embd, n_head, block, bias=True):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, block)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd)
+        self.ln_1 = LayerNorm(n_embd, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, block, bias)
+        self.ln_2 = LayerNorm(n_embd, bias)
+        self.mlp = MLP(n_embd, bias)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -113,12 +129,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, block, n_layer, n_head, n_embd):
+    def __init__(self, vocab, block, n_layer, n_head, n_embd, bias=True):
+        """The modules are made, and initialised, in nanoGPT's order, so that under the same
+        torch.manual_seed the weights are nanoGPT's."""
         super().__init__()
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block, n_embd)
-        self.h = nn.ModuleList([Block(n_embd, n_head, block) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.h = nn.ModuleList([Block(n_embd, n_head, block, bias) for _ in range(n_layer)])
+        self.ln_f = LayerNorm(n_embd, bias)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
