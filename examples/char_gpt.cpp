@@ -278,12 +278,13 @@ int run(int argc, char** argv) {
     nn::context<P> ctx{mem, true, &drop};
     loss = model.forward(ctx, x, s.batch, y);
     model.backward(ctx, control.loss_scale());
+    const double lr = opt.lr();  // this step's (the log's lr column; the schedule moves it below)
     const auto r = control.step(store, opt);
     if (r.applied) schedule.step(opt);
     store.zero_grad();
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     train_seconds += dt;
-    if (log) log->row({static_cast<double>(it), opt.lr(), loss, r.grad_norm, nan, nan, static_cast<double>(tokens_per_iter) / dt});
+    if (log) log->row({static_cast<double>(it), lr, loss, r.grad_norm, nan, nan, static_cast<double>(tokens_per_iter) / dt});
     if (s.progress) {
       char m[96];
       std::snprintf(m, sizeof m, "loss %.4f val %.4f", loss, last_val);

@@ -11,8 +11,9 @@
       of train, then of val) every 250 iterations before the step, get_lr (warm-up
       lr*(it+1)/(warmup+1) over 100 iterations, cosine to 1e-4 at 2000), AdamW (0.9, 0.99) with
       weight decay 0.1 on the 2-D tensors, clip_grad_norm_(1.0). Prints train.py's "step N: train
-      loss X, val loss Y" lines; then, of the final model, the spread of train.py's 20-batch
-      validation estimate over 100 more draws and the loss over the whole validation split.
+      loss X, val loss Y" lines; then, of the model at the last of them (the one train.py saves),
+      the spread of train.py's 20-batch validation estimate over 100 more draws and the loss over
+      the whole validation split.
 
   torch_char_gpt.py --twin init.bin --twin-log run.csv [--seed 1337] [--bias]
       the same training as a char_gpt_fp32 run, started from its weights: init.bin from
@@ -168,6 +169,10 @@ def nanogpt(model, train, val, iters, t0):
             losses = estimate_loss()
             print("step %d: train loss %.4f, val loss %.4f (%.0f s)" % (it, losses["train"], losses["val"], time.time() - t0),
                   flush=True)
+        # train.py makes one more step after the last estimate, but the checkpoint it saves (the
+        # model sample.py loads) and the loss it prints are the model's here
+        if it == iters:
+            break
         loss = model(x, y)
         x, y = get_batch(train)
         loss.backward()
@@ -175,26 +180,23 @@ def nanogpt(model, train, val, iters, t0):
         opt.step()
         opt.zero_grad(set_to_none=True)
         it += 1
-        if it > iters:
-            break
 
 
 def twin(model, train, seed, log_path):
     """char_gpt's training from the same weights, batches and lrs; returns its per-iteration
     training losses next to char_gpt's."""
-    lrs, theirs, last_lr = [], [], None
+    lrs, theirs = [], []
     with open(log_path) as f:
         header = f.readline().strip().split(",")
         col = {name: i for i, name in enumerate(header)}
         for line in f:
             v = line.strip().split(",")
             it, lr, loss = int(float(v[col["iter"]])), float(v[col["lr"]]), v[col["train_loss"]]
-            if loss not in ("", "nan"):  # a training row: it ran with the lr logged before it
+            if loss not in ("", "nan"):  # a training row, with the lr of its step
                 if it != len(lrs) + 1:
                     sys.exit("%s: iteration %d out of order" % (log_path, it))
-                lrs.append(last_lr)
+                lrs.append(lr)
                 theirs.append(float(loss))
-            last_lr = lr
     if not lrs:
         sys.exit("%s: no training rows (char_gpt --csv)" % log_path)
     opt = torch_gpt.configure_optimizer(model, False)
@@ -272,7 +274,7 @@ def main():
         model.train()
         mean = sum(draws) / len(draws)
         sd = math.sqrt(sum((d - mean) ** 2 for d in draws) / (len(draws) - 1))
-        print("train.py's 20-batch validation estimate, 100 more draws on the final model: mean %.4f, sd %.4f, "
+        print("train.py's 20-batch validation estimate, 100 more draws on the saved model: mean %.4f, sd %.4f, "
               "min %.4f, max %.4f" % (mean, sd, draws[0], draws[-1]))
     print("whole-split validation loss: %.4f (%.0f s)" % (whole_split_loss(model, val), time.time() - t0), flush=True)
 
