@@ -15,12 +15,15 @@
       the spread of train.py's 20-batch validation estimate over 100 more draws and the loss over
       the whole validation split.
 
-  torch_char_gpt.py --twin init.bin --twin-log run.csv [--seed 1337] [--bias]
+  torch_char_gpt.py --twin init.bin --twin-log run.csv [--seed 1337] [--bias] [--check TOL]
       the same training as a char_gpt_fp32 run, started from its weights: init.bin from
       `char_gpt_fp32 --iters 0 --save init.bin`, run.csv from `char_gpt_fp32 --csv run.csv` with the
       same --seed (and --bias); the batches are char_gpt's (its Philox batch stream, reimplemented
       here) and each iteration's lr is the one char_gpt logged. Prints the two training losses side
       by side and the whole-split validation loss, which char_gpt prints at the end of its run.
+
+      With --check TOL it exits 1 when one of the losses differs by more than TOL (a CTest,
+      example.char_gpt_vs_pytorch, runs scripts/char-gpt-vs-pytorch.sh, which does this).
 
   torch_char_gpt.py --weights model.bin
       the loss over the whole validation split of weights saved by char_gpt (--save), which
@@ -240,6 +243,8 @@ def main():
     ap.add_argument("--weights", help="print the whole-split loss of these char_gpt weights")
     ap.add_argument("--twin", help="char_gpt's initial weights (char_gpt_fp32 --iters 0 --save)")
     ap.add_argument("--twin-log", help="char_gpt's CSV log of the run to follow (char_gpt_fp32 --csv)")
+    ap.add_argument("--check", type=float, metavar="TOL",
+                    help="with --twin: fail (exit 1) when a training loss differs from char_gpt's by more than TOL")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -264,6 +269,13 @@ def main():
                 m1, m2 = sum(ours[lo:hi]) / (hi - lo), sum(theirs[lo:hi]) / (hi - lo)
                 worst = max(abs(u - v) for u, v in zip(ours[lo:hi], theirs[lo:hi]))
                 print("%5d-%-5d  %23.6f  %8.6f  %.2e" % (lo + 1, hi, m1, m2, worst))
+        if a.check is not None:
+            worst, at = max((abs(u - v), i + 1) for i, (u, v) in enumerate(zip(ours, theirs)))
+            if not worst <= a.check:  # a NaN fails too
+                sys.exit("FAILED: char_gpt's training loss differs from PyTorch's by %.3g at iteration %d (%.6f against "
+                         "%.6f), more than %g" % (worst, at, theirs[at - 1], ours[at - 1], a.check))
+            print("ok: the %d training losses agree within %g (largest difference %.3g)" % (len(ours), a.check, worst))
+            return
     else:
         nanogpt(model, train, val, a.iters, t0)
         # How far train.py's 20-batch estimate strays from the model's loss: 100 more draws.
