@@ -35,6 +35,7 @@ OPENBLAS_CORETYPE=SkylakeX OMP_WAIT_POLICY=PASSIVE (docs/BENCHMARKS.md)."""
 import argparse
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -143,16 +144,17 @@ def nanogpt(model, train, val, iters, t0):
         return rows(d, torch.randint(len(d) - BLOCK, (BATCH,)))
 
     @torch.no_grad()
-    def estimate_loss():
-        out = {}
+    def mean_loss(d):
+        """One of train.py's estimates: the mean loss of eval_iters random batches of d."""
         model.eval()
-        for name, d in (("train", train), ("val", val)):
-            losses = torch.zeros(eval_iters)
-            for k in range(eval_iters):
-                losses[k] = model(*get_batch(d)).item()
-            out[name] = losses.mean()
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            losses[k] = model(*get_batch(d)).item()
         model.train()
-        return out
+        return float(losses.mean())
+
+    def estimate_loss():
+        return {"train": mean_loss(train), "val": mean_loss(val)}
 
     def get_lr(it):
         if it < warmup:
@@ -183,6 +185,10 @@ def nanogpt(model, train, val, iters, t0):
         opt.step()
         opt.zero_grad(set_to_none=True)
         it += 1
+    # How far train.py's 20-batch estimate strays from the model's loss: 100 more draws.
+    draws = sorted(mean_loss(val) for _ in range(100))
+    print("train.py's 20-batch validation estimate, 100 more draws on the saved model: mean %.4f, sd %.4f, "
+          "min %.4f, max %.4f" % (statistics.mean(draws), statistics.stdev(draws), draws[0], draws[-1]))
 
 
 def twin(model, train, seed, log_path):
@@ -270,24 +276,16 @@ def main():
                 worst = max(abs(u - v) for u, v in zip(ours[lo:hi], theirs[lo:hi]))
                 print("%5d-%-5d  %23.6f  %8.6f  %.2e" % (lo + 1, hi, m1, m2, worst))
         if a.check is not None:
-            worst, at = max((abs(u - v), i + 1) for i, (u, v) in enumerate(zip(ours, theirs)))
-            if not worst <= a.check:  # a NaN fails too
+            diffs = [abs(u - v) for u, v in zip(ours, theirs)]
+            bad = [i for i, d in enumerate(diffs) if not d <= a.check]  # a NaN fails too
+            if bad:
+                i = bad[0]
                 sys.exit("FAILED: char_gpt's training loss differs from PyTorch's by %.3g at iteration %d (%.6f against "
-                         "%.6f), more than %g" % (worst, at, theirs[at - 1], ours[at - 1], a.check))
-            print("ok: the %d training losses agree within %g (largest difference %.3g)" % (len(ours), a.check, worst))
+                         "%.6f), more than %g" % (diffs[i], i + 1, theirs[i], ours[i], a.check))
+            print("ok: the %d training losses agree within %g (largest difference %.3g)" % (len(ours), a.check, max(diffs)))
             return
     else:
         nanogpt(model, train, val, a.iters, t0)
-        # How far train.py's 20-batch estimate strays from the model's loss: 100 more draws.
-        model.eval()
-        with torch.no_grad():
-            draws = sorted(sum(model(*rows(val, torch.randint(len(val) - BLOCK, (BATCH,)))).item() for _ in range(20)) / 20
-                           for _ in range(100))
-        model.train()
-        mean = sum(draws) / len(draws)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in draws) / (len(draws) - 1))
-        print("train.py's 20-batch validation estimate, 100 more draws on the saved model: mean %.4f, sd %.4f, "
-              "min %.4f, max %.4f" % (mean, sd, draws[0], draws[-1]))
     print("whole-split validation loss: %.4f (%.0f s)" % (whole_split_loss(model, val), time.time() - t0), flush=True)
 
 

@@ -78,7 +78,7 @@ class LayerNormNoBias(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
 
 
-def LayerNorm(n, bias):
+def layer_norm(n, bias):
     return nn.LayerNorm(n) if bias else LayerNormNoBias(n)
 
 
@@ -118,9 +118,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, n_embd, n_head, block, bias=True):
         super().__init__()
-        self.ln_1 = LayerNorm(n_embd, bias)
+        self.ln_1 = layer_norm(n_embd, bias)
         self.attn = CausalSelfAttention(n_embd, n_head, block, bias)
-        self.ln_2 = LayerNorm(n_embd, bias)
+        self.ln_2 = layer_norm(n_embd, bias)
         self.mlp = MLP(n_embd, bias)
 
     def forward(self, x):
@@ -136,7 +136,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block, n_embd)
         self.h = nn.ModuleList([Block(n_embd, n_head, block, bias) for _ in range(n_layer)])
-        self.ln_f = LayerNorm(n_embd, bias)
+        self.ln_f = layer_norm(n_embd, bias)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)

@@ -27,12 +27,12 @@
 /// Reductions. Otherwise all_reduce of float, double and int32 is MPI_Allreduce
 /// (MPI_Iallreduce) with MPI's own op (average: MPI_SUM, then a local division by size()), and
 /// so are int32's reduce-scatters. The other reductions are done in pieces: each rank receives
-/// its piece of every other rank's buffer in the element type (MPI_Alltoallv, or MPI_Ialltoallv for the
-/// non-blocking ones, whose request reduces on completion), reduces the pieces in rank order
-/// in the accumulation type (fp32 for bfloat16 and half) and rounds once; all_reduce of the
-/// 2-byte types then gathers the rounded pieces (MPI_Allgatherv). That is every reduce_scatter
-/// and reduce_scatter_v of float, double, bfloat16 and half, blocking or not, and the blocking
-/// 2-byte all_reduce. Why:
+/// its piece of every other rank's buffer in the element type (MPI_Alltoallv, or MPI_Ialltoallv
+/// for the non-blocking ones, whose request reduces on completion), reduces the pieces in rank
+/// order in the accumulation type (fp32 for bfloat16 and half) and rounds once; all_reduce of
+/// the 2-byte types then gathers the rounded pieces (MPI_Allgatherv). That is every
+/// reduce_scatter and reduce_scatter_v of float, double, bfloat16 and half, blocking or not,
+/// and the blocking 2-byte all_reduce. Why:
 ///  - Open MPI's reduce-scatters were slower on this library's development machine than an
 ///    all-to-all of the same pieces and a local sum (MPI_Reduce_scatter_block 1.35-17x at
 ///    64 KiB-64 MiB), and ZeRO-1/2/3 live on them: ZeRO-2's step on the large GPT went from
@@ -49,11 +49,11 @@
 ///
 /// Order. Where MPI reduces (int32 all_reduce and reduce-scatters; float and double all_reduce
 /// and the non-blocking 2-byte all_reduce across nodes), it chooses the order: its algorithm
-/// depends on the size and the implementation, so unlike thread_comm the order is not rank order; MPI implementations
-/// give the same result on every rank and, for the same ranks, sizes and process layout, the
-/// same result every run. Those results are exactly a rank-order reduction's whenever the fp32
-/// (fp64) sums involved are exact; the reductions done in pieces and through shared memory
-/// always are.
+/// depends on the size and the implementation, so unlike thread_comm the order is not rank
+/// order; MPI implementations give the same result on every rank and, for the same ranks, sizes
+/// and process layout, the same result every run. Those results are exactly a rank-order
+/// reduction's whenever the fp32 (fp64) sums involved are exact; the reductions done in pieces
+/// and through shared memory always are.
 ///
 /// Threads. mpi_environment initialises MPI with MPI_THREAD_FUNNELED: call an mpi_comm from
 /// the main thread only. Non-blocking collectives progress inside MPI calls (test(), wait(),

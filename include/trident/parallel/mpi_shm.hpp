@@ -12,10 +12,11 @@
 /// once: each rank reads the others' buffers where they lie.
 ///
 /// How. Each rank's segment of the window holds a header (three counters and one signature per
-/// slot, each on its own cache line) and `slots` slots of slot_bytes. Request i (the i-th all-reduce since the window was
-/// made, the same i on every rank, since collectives are called in the same order) uses slot
-/// i % slots of every rank, and its n elements are split as thread_comm splits them
-/// (detail::even_share): rank s owns piece s. Three steps, each published by a counter:
+/// slot, each on its own cache line) and `slots` slots of slot_bytes. Request i (the i-th
+/// all-reduce since the window was made, the same i on every rank, since collectives are called
+/// in the same order) uses slot i % slots of every rank, and its n elements are split as
+/// thread_comm splits them (detail::even_share): rank s owns piece s. Three steps, each
+/// published by a counter:
 ///  1. post (in start()): copy the pieces this rank does not own into its slot; posted = i+1.
 ///     The slot must be free: every rank's done >= i+1-slots.
 ///  2. reduce (once every rank's posted > i): op over ranks 0, 1, ... of its own piece, in the
